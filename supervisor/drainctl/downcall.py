@@ -1,0 +1,363 @@
+"""The app's "down" endpoint call, and the `Connection: close` self-test probe.
+
+After the delay, the drain tells the app it is going down (the incident's
+`/ok.htm?down=true`); from then on the app must answer `Connection: close` so that keep-alive
+clients finish their request, leave and reconnect to another pod (INCIDENT.md, "The fix"). The
+probe checks that last part with one keep-alive request and turns a missing header into a
+`contract.warning` event.
+
+Both calls report one outcome and never raise: a failed down call is logged and the drain goes on
+(CONTRACT.md, `--down-timeout`). httpx is imported inside the functions, not at module level: it
+costs ~170 ms to import and the supervisor must start fast, while only a drain calls this code.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    import httpx
+
+__all__ = [
+    "DownResult",
+    "ProbeResult",
+    "call_down",
+    "probe_connection_close",
+    "probe_url",
+    "validate_down_url",
+]
+
+# Back-off between attempts: 0.2 s, 0.4 s, 0.8 s... capped, so a few retries fit in the few
+# seconds a drain gives the down call.
+_BACKOFF_FIRST_S = 0.2
+_BACKOFF_MAX_S = 2.0
+# An attempt with less time than this cannot even connect and read on a busy node; starting it
+# would only add a certain timeout to the log. The deadline "leaves no room" below this.
+_MIN_ATTEMPT_S = 0.05
+# The down call's body is read (so the socket is not closed with unread data, which makes the
+# kernel send a RST to the app) but never kept: cap what we are willing to read.
+_BODY_CAP = 64 * 1024
+# After a probe response without `Connection: close`, how long to watch for the server closing
+# the connection by itself. On loopback a close that follows the response arrives within
+# microseconds; a server that only closes after its keep-alive timeout counts as keeping it open.
+_PROBE_CLOSE_WAIT_S = 0.05
+_ERROR_MAX_CHARS = 200
+
+
+@dataclass(frozen=True, slots=True)
+class DownResult:
+    """The outcome of the down call: a final status, or the last attempt's error."""
+
+    url: str
+    status: int | None  # final HTTP status; None when no response came
+    error: str | None  # None on a response; else "refused", "timeout", "reset", "dns", ...
+    elapsed_ms: float  # the whole call, all attempts and back-off
+    attempts: int
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """Whether the app now ends keep-alive connections: the outcome of one keep-alive request."""
+
+    closes: bool | None  # True: it closes; False: it kept the connection open; None: no probe
+    status: int | None
+    error: str | None
+
+    def warning(self) -> str | None:
+        """The `contract.warning` message when the app kept the connection open, else None."""
+        if self.closes is not False:
+            return None
+        answer = f"its {self.status} response" if self.status is not None else "its response"
+        return (
+            f"The app kept a keep-alive connection open after the down call ({answer} had no "
+            "`Connection: close`), so keep-alive clients will not leave and the drain can only "
+            "end at its deadline: the app must answer `Connection: close` after the down call, "
+            "e.g. with drainctl.wsgi/asgi DrainMiddleware or the Java filter in examples/java."
+        )
+
+
+def validate_down_url(url: str) -> str:
+    """Return `url` if the down call can be made to it, else raise ValueError (one line).
+
+    Parsed with urllib, not httpx, because this runs at start-up (see the module docstring).
+    """
+    if not isinstance(url, str) or not url:
+        raise ValueError("down URL is empty")
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
+        raise ValueError(f"down URL {url!r} contains whitespace or control characters")
+    try:
+        parts = urlsplit(url)
+        # .port raises ValueError for a non-numeric port or one outside 0-65535.
+        port = parts.port
+        host = parts.hostname
+    except ValueError as exc:
+        raise ValueError(f"down URL {url!r} is not a valid URL: {exc}") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        shown = parts.scheme or "none"
+        raise ValueError(f"down URL {url!r} must use http or https (scheme: {shown})")
+    if not host:
+        raise ValueError(f"down URL {url!r} has no host")
+    if port == 0:
+        raise ValueError(f"down URL {url!r} has port 0 (must be 1-65535)")
+    return url
+
+
+def probe_url(down_url: str, probe_path: str = "/") -> str:
+    """The probe's URL: the down URL's scheme, host and port with `probe_path` (and its query)."""
+    parts = urlsplit(down_url)
+    path, _, query = probe_path.partition("?")
+    if not path.startswith("/"):
+        path = "/" + path
+    return parts._replace(path=path, query=query, fragment="").geturl()
+
+
+def call_down(
+    url: str,
+    method: str = "GET",
+    timeout: float = 5.0,
+    *,
+    deadline: float | None = None,
+    attempts: int = 3,
+    transport: httpx.BaseTransport | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> DownResult:
+    """Call the down endpoint; retry refused/reset/timeout and 5xx with back-off. Never raises.
+
+    Stops at the first 2xx-4xx response (a 4xx will not change on retry), after `attempts`, or
+    when `deadline` (on `clock`) leaves no room for another attempt. Each attempt's timeout is
+    `min(timeout, time left)`. `transport` is the seam for tests (httpx.MockTransport); it is
+    left open for its owner.
+    """
+    start = clock()
+    made = 0
+    status: int | None = None
+    error: str | None = None
+    try:
+        client = _client(url, transport)
+    except Exception as exc:  # never raise: the drain goes on without the down call
+        return DownResult(url, None, _short(exc), _ms(clock() - start), 0)
+    try:
+        if not timeout > 0:  # also catches NaN
+            return DownResult(url, None, f"invalid timeout {timeout!r}", _ms(clock() - start), 0)
+        # The room an attempt needs; a user's own shorter timeout is taken at its word.
+        room = min(_MIN_ATTEMPT_S, timeout)
+        backoff = _BACKOFF_FIRST_S
+        for _ in range(max(1, attempts)):
+            budget = timeout if deadline is None else min(timeout, deadline - clock())
+            if budget < room:
+                if made == 0:
+                    error = "deadline"  # passed, or too close to start even one attempt
+                break
+            made += 1
+            status, error, retry = _attempt(client, method, url, budget, clock)
+            if not retry or made >= attempts:
+                break
+            if deadline is not None and clock() + backoff + room > deadline:
+                break  # no room for another attempt after the back-off: keep this outcome
+            sleep(backoff)
+            backoff = min(backoff * 2, _BACKOFF_MAX_S)
+    except Exception as exc:  # a bug or an exotic error must not stop the drain
+        status, error = None, _short(exc)
+    finally:
+        if transport is None:
+            client.close()
+    return DownResult(url, status, error, _ms(clock() - start), made)
+
+
+def probe_connection_close(
+    url: str,
+    timeout: float = 2.0,
+    *,
+    transport: httpx.BaseTransport | None = None,
+) -> ProbeResult:
+    """One HTTP/1.1 keep-alive GET: does the app now end the connection after answering?
+
+    True when the response says so (the `close` connection option, or HTTP/1.0 without
+    `keep-alive`: RFC 9112 section 9.3), or when the server closes the socket right after it.
+    Never raises; None when no response came.
+    """
+    try:
+        client = _client(url, transport)
+    except Exception as exc:
+        return ProbeResult(None, None, _short(exc))
+    try:
+        # No `Connection` header of our own: the point is to look like a keep-alive client.
+        until = time.monotonic() + timeout
+        request = client.build_request("GET", url, timeout=timeout)
+        response = client.send(request, stream=True, follow_redirects=False)
+        try:
+            status = response.status_code
+            if _response_closes(response.http_version, response.headers.get_list("connection")):
+                return ProbeResult(True, status, None)
+            try:
+                complete = _read_capped(response, clock=time.monotonic, until=until)
+            except Exception as exc:
+                return ProbeResult(None, status, _describe(exc)[0])
+            # No `Connection: close`. Whether the server closes right after can only be seen
+            # once the whole body is read; a body too long or slow for that counts as kept open.
+            closed = complete and _server_closed(response.extensions.get("network_stream"))
+            return ProbeResult(closed, status, None)
+        finally:
+            response.close()
+    except Exception as exc:
+        return ProbeResult(None, None, _describe(exc)[0])
+    finally:
+        if transport is None:
+            client.close()
+
+
+def _client(url: str, transport: httpx.BaseTransport | None) -> httpx.Client:
+    import httpx
+
+    from drainctl import __version__
+
+    # An http:// URL never does TLS here (no redirects are followed), so skip building an SSL
+    # context: loading the CA bundle costs ~40 ms of the drain's budget.
+    verify = urlsplit(url).scheme.lower() == "https"
+    return httpx.Client(
+        transport=transport,
+        # A pod's HTTP_PROXY / ALL_PROXY must not catch a loopback call to the app, and
+        # SSL_CERT_FILE & co. are the app's settings, not ours.
+        trust_env=False,
+        follow_redirects=False,
+        verify=verify,
+        headers={"User-Agent": f"drainctl/{__version__}"},
+    )
+
+
+def _attempt(
+    client: httpx.Client,
+    method: str,
+    url: str,
+    budget: float,
+    clock: Callable[[], float],
+) -> tuple[int | None, str | None, bool]:
+    """One request: (status, error, worth retrying)."""
+    until = clock() + budget
+    try:
+        # `Connection: close`: our own connection to the app's port counts among the connections
+        # the drain waits for, so ask the app to end it as soon as it has answered.
+        request = client.build_request(
+            method.upper(), url, timeout=budget, headers={"Connection": "close"}
+        )
+        response = client.send(request, stream=True, follow_redirects=False)
+    except Exception as exc:
+        error, retry = _describe(exc)
+        return None, error, retry
+    try:
+        # Read (and drop) the body: closing with unread data would send the app a RST. A body
+        # error after the status line does not change the outcome.
+        _read_capped(response, clock=clock, until=until)
+    except Exception:
+        pass
+    finally:
+        response.close()
+    return response.status_code, None, response.status_code >= 500
+
+
+def _read_capped(
+    response: httpx.Response, *, clock: Callable[[], float], until: float | None
+) -> bool:
+    """Read the raw body up to _BODY_CAP and (if given) until `until`; True if it was all read.
+
+    Iterates `response.stream` rather than `iter_raw()`, which closes the response at the end:
+    httpcore would then hand the connection back to its pool, and close it if the server already
+    has, before the probe could look at it. httpx's timeouts bound each read, not the whole
+    body, hence the clock check between chunks.
+    """
+    import httpx
+
+    stream = response.stream
+    if not isinstance(stream, httpx.SyncByteStream):
+        return False
+    size = 0
+    for chunk in stream:
+        size += len(chunk)
+        if size > _BODY_CAP or (until is not None and clock() >= until):
+            return False
+    return True
+
+
+def _response_closes(http_version: str, connection_headers: list[str]) -> bool:
+    """RFC 9112 section 9.3: does this response end the connection?"""
+    tokens = {
+        token.strip().lower()
+        for header in connection_headers
+        for token in header.split(",")
+        if token.strip()
+    }
+    if "close" in tokens:
+        return True
+    # HTTP/1.0 is not persistent unless it says `keep-alive`.
+    return http_version.upper() == "HTTP/1.0" and "keep-alive" not in tokens
+
+
+def _server_closed(network_stream: object) -> bool:
+    """Whether the server closed the probe's socket right after its response.
+
+    Peeks at the socket httpcore exposes through the `network_stream` response extension; a
+    transport without one (httpx.MockTransport) reports False.
+    """
+    get_extra_info = getattr(network_stream, "get_extra_info", None)
+    sock = get_extra_info("socket") if callable(get_extra_info) else None
+    if not isinstance(sock, socket.socket):
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], _PROBE_CLOSE_WAIT_S)
+        if not readable:
+            return False
+        # MSG_PEEK leaves any bytes for httpcore; b"" is the server's FIN.
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _describe(exc: BaseException) -> tuple[str, bool]:
+    """A short name for an httpx failure, and whether another attempt may fare better."""
+    import httpx
+
+    if isinstance(exc, httpx.TimeoutException):
+        return "timeout", True
+    # httpx wraps httpcore's exception, which wraps the OSError: walk the chain to the cause.
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError):
+            return "refused", True
+        if isinstance(cause, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
+            return "reset", True
+        if isinstance(cause, socket.gaierror):
+            # Not retried: a name that does not resolve is a configuration error in practice
+            # (the down URL is normally loopback), and retries would only eat the budget.
+            return "dns", False
+        if isinstance(cause, TimeoutError):
+            return "timeout", True
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(exc, httpx.RemoteProtocolError) and "disconnected" in str(exc).lower():
+        return "closed", True  # accepted and closed without an answer: like a reset
+    if isinstance(exc, httpx.NetworkError) and "ssl" not in str(exc).lower():
+        return _short(exc), True  # other connection-level errors (unreachable...): transient
+    return _short(exc), False
+
+
+def _short(exc: BaseException) -> str:
+    """A one-line description of an unexpected error."""
+    text = " ".join(str(exc).split())
+    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return line if len(line) <= _ERROR_MAX_CHARS else line[: _ERROR_MAX_CHARS - 3] + "..."
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
