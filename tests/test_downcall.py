@@ -250,6 +250,34 @@ def test_reset_is_a_connection_error_not_a_crash() -> None:
     assert result.attempts == 2
 
 
+def closing_without_answer(conn: socket.socket, server: Server) -> None:
+    server.read_request(conn)
+    # returning closes the socket with a FIN and no response
+
+
+def test_close_without_answer_is_retried() -> None:
+    with Server(closing_without_answer) as server:
+        result = call_down(server.url("/down"), timeout=1.0, attempts=2)
+    assert (result.status, result.error, result.attempts) == (None, "closed", 2)
+    assert len(server.requests) == 2
+
+
+def plain_http(conn: socket.socket, server: Server) -> None:
+    conn.recv(4096)  # a TLS ClientHello, never a request head
+    conn.sendall(response(400, body=b"plain HTTP here"))
+
+
+def test_tls_failure_is_named_and_not_retried() -> None:
+    with Server(plain_http) as server:
+        url = server.url("/down").replace("http://", "https://")
+        result = call_down(url, timeout=1.0, attempts=3)
+        probe = probe_connection_close(url, timeout=1.0)
+    assert result.status is None
+    assert result.error is not None and result.error.startswith("tls: ")
+    assert result.attempts == 1
+    assert probe.closes is None and probe.error is not None and probe.error.startswith("tls: ")
+
+
 def test_deadline_already_past_makes_no_attempt() -> None:
     with Server(answering(200)) as server:
         result = call_down(server.url("/down"), deadline=time.monotonic() - 1.0)

@@ -37,8 +37,8 @@ __all__ = [
 # seconds a drain gives the down call.
 _BACKOFF_FIRST_S = 0.2
 _BACKOFF_MAX_S = 2.0
-# An attempt with less time than this cannot even connect and read on a busy node; starting it
-# would only add a certain timeout to the log. The deadline "leaves no room" below this.
+# An attempt with less time than this is unlikely to connect and get an answer on a busy node;
+# starting it would mostly add a timeout to the log. The deadline "leaves no room" below this.
 _MIN_ATTEMPT_S = 0.05
 # The down call's body is read (so the socket is not closed with unread data, which makes the
 # kernel send a RST to the app) but never kept: cap what we are willing to read.
@@ -80,8 +80,8 @@ class ProbeResult:
         answer = f"its {self.status} response" if self.status is not None else "its response"
         return (
             f"The app kept a keep-alive connection open after the down call ({answer} had no "
-            "`Connection: close`), so keep-alive clients will not leave and the drain can only "
-            "end at its deadline: the app must answer `Connection: close` after the down call, "
+            "`Connection: close`), so keep-alive clients will not leave and the drain will likely "
+            "run to its deadline: the app must answer `Connection: close` after the down call, "
             "e.g. with drainctl.wsgi/asgi DrainMiddleware or the Java filter in examples/java."
         )
 
@@ -327,6 +327,8 @@ def _server_closed(network_stream: object) -> bool:
 
 def _describe(exc: BaseException) -> tuple[str, bool]:
     """A short name for an httpx failure, and whether another attempt may fare better."""
+    import ssl
+
     import httpx
 
     if isinstance(exc, httpx.TimeoutException):
@@ -334,6 +336,9 @@ def _describe(exc: BaseException) -> tuple[str, bool]:
     # httpx wraps httpcore's exception, which wraps the OSError: walk the chain to the cause.
     cause: BaseException | None = exc
     while cause is not None:
+        if isinstance(cause, ssl.SSLError):
+            # Certificate or protocol mismatch: configuration, the same on every attempt.
+            return _short(cause, prefix="tls"), False
         if isinstance(cause, ConnectionRefusedError):
             return "refused", True
         if isinstance(cause, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
@@ -347,15 +352,16 @@ def _describe(exc: BaseException) -> tuple[str, bool]:
         cause = cause.__cause__ or cause.__context__
     if isinstance(exc, httpx.RemoteProtocolError) and "disconnected" in str(exc).lower():
         return "closed", True  # accepted and closed without an answer: like a reset
-    if isinstance(exc, httpx.NetworkError) and "ssl" not in str(exc).lower():
+    if isinstance(exc, httpx.NetworkError):
         return _short(exc), True  # other connection-level errors (unreachable...): transient
     return _short(exc), False
 
 
-def _short(exc: BaseException) -> str:
+def _short(exc: BaseException, prefix: str | None = None) -> str:
     """A one-line description of an unexpected error."""
     text = " ".join(str(exc).split())
-    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    name = prefix or type(exc).__name__
+    line = f"{name}: {text}" if text else name
     return line if len(line) <= _ERROR_MAX_CHARS else line[: _ERROR_MAX_CHARS - 3] + "..."
 
 
