@@ -1,0 +1,136 @@
+"""ASGI side of the drain contract: a down endpoint, ``Connection: close`` after it, health 200.
+
+Two lines for an app (issue 5)::
+
+    from drainctl.asgi import DrainMiddleware
+    app = DrainMiddleware(app, health_paths=["/healthz"])
+
+The same contract as drainctl.wsgi. An ASGI app can ask for a close in one way only: the
+``Connection: close`` response header (RFC 9112 section 9.6). uvicorn (h11 and httptools) and
+hypercorn honour it and close the connection after the response (docs/app-side.md; verified by
+tests/test_app_side.py). It is added to HTTP/1.x responses only: HTTP/2 forbids the header
+(RFC 9113 section 8.2.2) and closing there is the server's GOAWAY. WebSocket and lifespan scopes
+pass through untouched; long-lived WebSockets should be closed by the app when ``is_draining()``.
+
+Imports only the standard library (issue 5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+
+from drainctl._downstate import DEFAULT_DOWN_PATH, ENV_STATE_FILE, Endpoints, Reply, get_state
+
+__all__ = [
+    "DEFAULT_DOWN_PATH",
+    "ENV_STATE_FILE",
+    "ASGIApp",
+    "DrainMiddleware",
+    "Message",
+    "Receive",
+    "Scope",
+    "Send",
+    "is_draining",
+    "mark_down",
+]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def is_draining(state_file: str | None = None) -> bool:
+    """True once the down endpoint was called in any worker of this server (or ``mark_down``)."""
+    return get_state(state_file).is_down()
+
+
+def mark_down(state_file: str | None = None) -> None:
+    """What the down endpoint does, for app code that learns of the shutdown another way."""
+    get_state(state_file).mark_down()
+
+
+def _with_close(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    # Replace, not add: two Connection fields that disagree leave the client guessing.
+    return [(k, v) for k, v in headers if k.lower() != b"connection"] + [
+        (b"connection", b"close")
+    ]
+
+
+class DrainMiddleware:
+    """Wrap an ASGI app with the drain contract; the options are drainctl.wsgi.DrainMiddleware's.
+
+    The app sees ``scope["drainctl.draining"]`` (as of the request's start).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        down_path: str = DEFAULT_DOWN_PATH,
+        down_query: str | None = None,
+        health_paths: Iterable[str] = (),
+        readiness_path: str | None = None,
+        allow_remote_down: bool = False,
+        state_file: str | None = None,
+        check_interval: float = 0.0,
+    ) -> None:
+        self.app = app
+        self.endpoints = Endpoints(
+            down_path=down_path,
+            down_query=down_query,
+            health_paths=tuple(health_paths),
+            readiness_path=readiness_path,
+            allow_remote_down=allow_remote_down,
+        )
+        self.state = get_state(state_file, check_interval=check_interval)
+
+    @property
+    def draining(self) -> bool:
+        return self.state.is_down()
+
+    def mark_down(self) -> None:
+        self.state.mark_down()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        http1 = str(scope.get("http_version", "1.1")).startswith("1")
+        scope["drainctl.draining"] = self.state.is_down()
+        path = str(scope.get("path", ""))
+        root = str(scope.get("root_path", ""))
+        if root and path.startswith(root):
+            path = path[len(root) :] or "/"
+        query = bytes(scope.get("query_string", b"")).decode("latin-1")
+        route = self.endpoints.route(path, query)
+        if route is not None:
+            method = str(scope.get("method", "GET")).upper()
+            client = scope.get("client")
+            host = str(client[0]) if client else None
+            reply = self.endpoints.answer(route, method, host, self.state)
+            await self._reply(send, reply, head=method == "HEAD", http1=http1)
+            return
+
+        async def drain_send(message: Message) -> None:
+            # Decided when the response starts: a request that was running when down was
+            # called must also make its client leave.
+            if message["type"] == "http.response.start" and http1 and self.state.is_down():
+                message = {**message, "headers": _with_close(message.get("headers", ()))}
+            await send(message)
+
+        await self.app(scope, receive, drain_send)
+
+    async def _reply(self, send: Send, reply: Reply, *, head: bool, http1: bool) -> None:
+        headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(reply.body)).encode()),
+            (b"cache-control", b"no-store"),
+            *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers),
+        ]
+        if http1 and self.state.is_down():
+            headers = _with_close(headers)
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if head else reply.body})
