@@ -1,0 +1,429 @@
+"""`drainctl run` as PID 1 and as a plain parent: exit codes, signals, reaping, clean-up.
+
+Real processes and real signals only. "pid1" cases run drainctl as PID 1 of a new PID namespace
+(`unshare --pid --fork --mount-proc`, root only); the others run it as an ordinary child, where it
+must register as child subreaper.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import (
+    IS_ROOT,
+    Processes,
+    app,
+    drainctl_argv,
+    inner_pid,
+    wait_for,
+)
+
+MODES = [
+    pytest.param(False, id="parent"),
+    pytest.param(
+        True, id="pid1",
+        marks=pytest.mark.skipif(not IS_ROOT, reason="needs root for a PID namespace"),
+    ),
+]
+NO_DRAIN = ("--delay", "0", "--log-format", "json")
+
+
+def run_quick(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, DRAINCTL_LOG_FORMAT="json")
+    return subprocess.run([*drainctl_argv(), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+
+
+def target_pid(proc: object, pid1: bool) -> int:
+    from tests.conftest import Proc
+
+    assert isinstance(proc, Proc)
+    return inner_pid(proc) if pid1 else proc.pid
+
+
+# ---- exit codes -----------------------------------------------------------------------------
+
+
+def test_every_exit_code_passes_through() -> None:
+    # 256 runs, 32 at a time: each must exit with exactly the app's code.
+    codes = list(range(256))
+    env = dict(os.environ, DRAINCTL_LOG_FORMAT="json")
+    for start in range(0, 256, 32):
+        batch = {
+            code: subprocess.Popen(
+                [*drainctl_argv(), "run", "--", "sh", "-c", f"exit {code}"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+            )
+            for code in codes[start : start + 32]
+        }
+        for code, popen in batch.items():
+            assert popen.wait(30) == code
+
+
+@pytest.mark.parametrize("pid1", MODES)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGKILL])
+def test_death_by_signal_is_128_plus_n(procs: Processes, pid1: bool, sig: int) -> None:
+    script = f"import os; os.kill(os.getpid(), {int(sig)})"
+    proc = procs.drainctl("run", *NO_DRAIN, "--", sys.executable, "-c", script, pid1=pid1)
+    assert proc.wait() == 128 + sig
+    exited = [e for e in proc.events() if e["event"] == "child.exited"]
+    assert exited and exited[0]["signal"] == signal.Signals(sig).name
+    assert proc.events()[-1] == {**proc.events()[-1], "event": "exit", "code": 128 + sig}
+
+
+def test_command_not_found_is_127() -> None:
+    result = run_quick("run", "--", "drainctl-no-such-command")
+    assert result.returncode == 127
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not found" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_missing_path_is_127() -> None:
+    result = run_quick("run", "--", "/nonexistent/app")
+    assert result.returncode == 127
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_directory_is_126(tmp_path: Path) -> None:
+    result = run_quick("run", "--", str(tmp_path))
+    assert result.returncode == 126
+    assert result.stderr.strip().count("\n") == 0 and "directory" in result.stderr
+
+
+def test_not_executable_is_126(tmp_path: Path) -> None:
+    script = tmp_path / "app.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o644)
+    result = run_quick("run", "--", str(script))
+    assert result.returncode == 126
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+
+
+def test_exit_code_map() -> None:
+    mapped = run_quick("run", "--exit-code-map", "143:0", "--", "sh", "-c", "exit 143")
+    assert mapped.returncode == 0
+    listed = run_quick("run", "--exit-code-map", "3:4,5:6", "--", "sh", "-c", "exit 5")
+    assert listed.returncode == 6
+    env_result = subprocess.run(
+        [*drainctl_argv(), "run", "--", "sh", "-c", "exit 3"], env=dict(
+            os.environ, DRAINCTL_EXIT_CODE_MAP="3:0"), capture_output=True, timeout=20)
+    assert env_result.returncode == 0
+    # a code not in the map passes through
+    assert run_quick("run", "--exit-code-map", "143:0", "--", "sh", "-c", "exit 7").returncode == 7
+
+
+def test_exit_code_map_applies_to_death_by_sigterm(procs: Processes) -> None:
+    proc = procs.drainctl("run", *NO_DRAIN, "--exit-code-map", "143:0", "--",
+                          "sleep", "30")
+    proc.wait_event("child.started")
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 0
+
+
+@pytest.mark.parametrize(
+    "args, env, words",
+    [
+        (["run", "--bogus", "--", "true"], {}, "--bogus"),
+        (["run", "--stop-signal", "SIGNOPE", "--", "true"], {}, "SIGNOPE"),
+        (["run", "--", "true"], {"DRAINCTL_STOP_TIMEOUT": "abc"}, "DRAINCTL_STOP_TIMEOUT"),
+        (["run", "--delay", "5 parsecs", "--", "true"], {}, "--delay"),
+        (["run", "--port", "70000", "--", "true"], {}, "70000"),
+        (["run", "--exit-code-map", "143", "--", "true"], {}, "143"),
+        (["run"], {}, "COMMAND"),
+        (["frobnicate"], {}, "frobnicate"),
+    ],
+)
+def test_bad_usage_is_one_line_and_exit_2(args: list[str], env: dict[str, str], words: str) -> None:
+    result = subprocess.run([*drainctl_argv(), *args], capture_output=True, text=True,
+                            timeout=20, env={**os.environ, **env})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert words in lines[0] and lines[0].startswith("drainctl: ")
+
+
+def test_flag_beats_environment() -> None:
+    env = dict(os.environ, DRAINCTL_STOP_SIGNAL="SIGNOPE")
+    bad = subprocess.run([*drainctl_argv(), "run", "--", "true"], env=env,
+                         capture_output=True, timeout=20)
+    good = subprocess.run([*drainctl_argv(), "run", "--stop-signal", "TERM", "--", "true"],
+                          env=env, capture_output=True, timeout=20)
+    assert (bad.returncode, good.returncode) == (2, 0)
+
+
+# ---- signals ----------------------------------------------------------------------------------
+
+# Every catchable signal 1-31 except KILL, STOP (uncatchable), CHLD (ours), the terminal ones, and
+# TERM/INT (they start or force a drain; tested below and in test_drain).
+FORWARDED = [
+    s for s in range(1, 32)
+    if s not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGTSTP,
+                 signal.SIGTTIN, signal.SIGTTOU, signal.SIGTERM, signal.SIGINT)
+]
+
+
+@pytest.mark.parametrize("pid1", MODES)
+def test_every_catchable_signal_reaches_the_app(procs: Processes, pid1: bool) -> None:
+    proc = procs.drainctl("run", *NO_DRAIN, "--", *app("sigprint.py"), pid1=pid1)
+    proc.wait_output("main ready")
+    target = target_pid(proc, pid1)
+    for number in FORWARDED:
+        name = signal.Signals(number).name
+        os.kill(target, number)
+        proc.wait_output(f"main {name}\n", timeout=5)
+    # SIGTERM last: with no drain configured it is forwarded and the app exits with code 0.
+    os.kill(target, signal.SIGTERM)
+    assert proc.wait() == 0
+    assert "main SIGTERM" in proc.stdout()
+    forwarded = {e["signal"] for e in proc.events() if e["event"] == "signal.forwarded"}
+    assert {signal.Signals(n).name for n in FORWARDED} <= forwarded
+
+
+@pytest.mark.parametrize("pid1", MODES)
+def test_group_mode_reaches_every_process_of_the_group(procs: Processes, pid1: bool) -> None:
+    proc = procs.drainctl("run", *NO_DRAIN, "--", *app("sigprint.py", "--children", "2"),
+                          pid1=pid1)
+    for name in ("main", "child0", "child1"):
+        proc.wait_output(f"{name} ready")
+    os.kill(target_pid(proc, pid1), signal.SIGUSR1)
+    for name in ("main", "child0", "child1"):
+        proc.wait_output(f"{name} SIGUSR1")
+
+
+def test_single_child_reaches_only_the_direct_child(procs: Processes) -> None:
+    proc = procs.drainctl("run", *NO_DRAIN, "--single-child", "--",
+                          *app("sigprint.py", "--children", "2"))
+    for name in ("main", "child0", "child1"):
+        proc.wait_output(f"{name} ready")
+    proc.signal(signal.SIGUSR1)
+    proc.wait_output("main SIGUSR1")
+    time.sleep(0.5)  # give a wrongly sent signal time to show up
+    assert "child0 SIGUSR1" not in proc.stdout() and "child1 SIGUSR1" not in proc.stdout()
+
+
+@pytest.mark.parametrize("single", [False, True], ids=["group", "single-child"])
+def test_sigterm_reaches_a_wrapper_and_all_its_children(procs: Processes, single: bool) -> None:
+    # tini#167: with a shell wrapper, only group mode lets the children hear SIGTERM at once.
+    args = ["--single-child"] if single else []
+    proc = procs.drainctl("run", *NO_DRAIN, "--stop-timeout", "20", *args, "--",
+                          "sh", "-c", "sleep 1000 & sleep 1000 & wait")
+    proc.wait_event("child.started")
+    sleeps = wait_for(lambda: [p for p in psutil.Process(proc.pid).children(recursive=True)
+                               if p.name() == "sleep"] if True else None)
+    wait_for(lambda: len([p for p in psutil.Process(proc.pid).children(recursive=True)
+                          if p.name() == "sleep"]) == 2)
+    sleeps = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "sleep"]
+    started = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 143
+    # Well before the 20 s stop-timeout: nobody waited for a SIGKILL.
+    assert time.monotonic() - started < 5
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in sleeps)
+    escalated = [e for e in proc.events() if e["event"] == "kill.escalated"]
+    assert not escalated
+    if single:
+        # the wrapper alone got the stop signal; its children got SIGTERM as leftovers
+        forwarded = [e for e in proc.events() if e["event"] == "signal.forwarded"]
+        assert forwarded[0]["pid"] > 0 and forwarded[1]["pid"] < 0
+
+
+# ---- reaping ------------------------------------------------------------------------------------
+
+ORPHANS = """
+import os, sys, time
+for i in range(100):
+    if os.fork() == 0:
+        if os.fork() == 0:
+            time.sleep(0.3)
+            os._exit(0)
+        os._exit(0)
+    os.waitpid(-1, 0)
+print("forked", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("pid1", MODES)
+def test_orphans_are_reaped(procs: Processes, pid1: bool) -> None:
+    proc = procs.drainctl("run", *NO_DRAIN, "--", sys.executable, "-c", ORPHANS, pid1=pid1)
+    proc.wait_output("forked")
+    supervisor = psutil.Process(target_pid(proc, pid1))
+
+    def zombies_or_orphans() -> list[psutil.Process]:
+        return [c for c in supervisor.children() if c.name() != "python3" or
+                c.status() == psutil.STATUS_ZOMBIE]
+
+    def all_gone() -> bool:
+        kids = supervisor.children()
+        return len(kids) == 1 and kids[0].status() != psutil.STATUS_ZOMBIE
+
+    wait_for(all_gone, timeout=10)
+    assert not [p for p in supervisor.children() if p.status() == psutil.STATUS_ZOMBIE]
+    assert zombies_or_orphans() == [] or all_gone()
+
+
+def test_orphans_came_to_the_subreaper(procs: Processes) -> None:
+    # The orphans must really be re-parented to drainctl (not to the host's init), else the
+    # reaping test above could pass without drainctl doing anything.
+    slow = ORPHANS.replace("time.sleep(0.3)", "time.sleep(2)")
+    proc = procs.drainctl("run", *NO_DRAIN, "--", sys.executable, "-c", slow)
+    proc.wait_output("forked")
+    supervisor = psutil.Process(proc.pid)
+    assert len(supervisor.children()) > 50
+    wait_for(lambda: len(supervisor.children()) == 1, timeout=10)
+
+
+# ---- the signal state the app inherits ---------------------------------------------------------
+
+STATUS = (
+    "import sys\n"
+    "lines = open('/proc/self/status').read().splitlines()\n"
+    "print('\\n'.join(l for l in lines if l.startswith(('SigBlk', 'SigIgn'))), flush=True)\n"
+)
+
+
+def _odd_signal_state() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGWINCH})
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("odd", [False, True], ids=["clean", "blocked-and-ignored"])
+def test_app_gets_the_signal_state_drainctl_inherited(procs: Processes, odd: bool) -> None:
+    preexec = _odd_signal_state if odd else None
+    reference = procs.start([sys.executable, "-c", STATUS], preexec=preexec)
+    reference.wait()
+    proc = procs.drainctl("run", *NO_DRAIN, "--", sys.executable, "-c", STATUS, preexec=preexec)
+    assert proc.wait() == 0
+    assert proc.stdout() == reference.stdout()
+    if odd:
+        assert "SigBlk:\t0000000000000000" not in proc.stdout()
+
+
+def test_descriptors_do_not_leak_into_the_app(procs: Processes) -> None:
+    script = "import os; print(sorted(int(f) for f in os.listdir('/proc/self/fd')))"
+    proc = procs.drainctl("run", *NO_DRAIN, "--", sys.executable, "-c", script)
+    assert proc.wait() == 0
+    # 0, 1, 2, and the descriptor listdir itself opened
+    assert len(eval(proc.stdout())) <= 4
+
+
+def test_events_go_to_stderr_never_stdout(procs: Processes) -> None:
+    proc = procs.drainctl("run", *NO_DRAIN, "--", "sh", "-c", "echo app-output; exit 4")
+    assert proc.wait() == 4
+    assert proc.stdout() == "app-output\n"
+    names = proc.event_names()
+    assert names[0] == "child.started" and names[-2:] == ["child.exited", "exit"]
+    assert all(line.startswith("{") for line in proc.stderr().splitlines())
+
+
+def test_text_log_format(procs: Processes) -> None:
+    proc = procs.drainctl("run", "--log-format", "text", "--", "true")
+    assert proc.wait() == 0
+    lines = proc.stderr().splitlines()
+    assert any("child.started" in line and "pid=" in line for line in lines)
+    assert not any(line.startswith("{") for line in lines)
+
+
+# ---- stopping ------------------------------------------------------------------------------------
+
+HELPER_NEEDS_A_SECOND = """
+import os, signal, sys, time
+done = sys.argv[1]
+if os.fork() == 0:
+    def cleanup(*_):
+        time.sleep(1)
+        open(done, "w").write(str(time.time()))
+        os._exit(0)
+    signal.signal(signal.SIGTERM, cleanup)
+    time.sleep(60)
+    os._exit(1)
+time.sleep(0.2)
+print("ready", flush=True)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("pid1", MODES)
+def test_helper_finishes_its_cleanup_before_drainctl_exits(
+    procs: Processes, pid1: bool, tmp_path: Path
+) -> None:
+    done = tmp_path / "helper-done"
+    proc = procs.drainctl("run", *NO_DRAIN, "--", sys.executable, "-c", HELPER_NEEDS_A_SECOND,
+                          str(done), pid1=pid1)
+    proc.wait_output("ready")
+    os.kill(target_pid(proc, pid1), signal.SIGTERM)
+    assert proc.wait() == 143
+    exited_at = time.time()
+    assert done.exists(), "drainctl exited before the helper finished (tini#180, dumb-init#212)"
+    assert float(done.read_text()) <= exited_at
+    assert "kill.escalated" not in proc.event_names()
+
+
+@pytest.mark.parametrize("pid1", MODES)
+def test_app_ignoring_sigterm_is_killed_after_stop_timeout(procs: Processes, pid1: bool) -> None:
+    proc = procs.drainctl("run", *NO_DRAIN, "--stop-timeout", "1", "--",
+                          *app("sigprint.py", "--ignore-term"), pid1=pid1)
+    proc.wait_output("main ready")
+    started = time.monotonic()
+    os.kill(target_pid(proc, pid1), signal.SIGTERM)
+    assert proc.wait() == 128 + signal.SIGKILL
+    took = time.monotonic() - started
+    assert 0.9 <= took < 5
+    assert "main SIGTERM" in proc.stdout()
+    names = proc.event_names()
+    assert names.index("signal.forwarded") < names.index("kill.escalated") < names.index(
+        "child.exited")
+
+
+def test_merged_sigchld_does_not_hang(procs: Processes) -> None:
+    # The main child and another process exit at the same moment; their SIGCHLDs merge into
+    # one (catatonit#4). Repeated to give the race a chance.
+    script = "sleep 0.2 & exec sleep 0.2"
+    runs = [procs.drainctl("run", *NO_DRAIN, "--", "sh", "-c", script) for _ in range(20)]
+    for proc in runs:
+        assert proc.wait(timeout=10) == 0
+
+
+def test_terminal_goes_to_the_app_and_ctrl_c_exits_130(procs: Processes) -> None:
+    import pty
+    import termios
+
+    master, slave = pty.openpty()
+    script = ("import os, time; print('fg', os.tcgetpgrp(0) == os.getpgrp(), flush=True); "
+              "time.sleep(30)")
+
+    def controlling_tty() -> None:
+        import fcntl
+
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    env = dict(os.environ, DRAINCTL_LOG_FORMAT="json")
+    popen = subprocess.Popen(
+        [*drainctl_argv(), "run", *NO_DRAIN, "--", sys.executable, "-c", script],
+        stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+        preexec_fn=controlling_tty, env=env,
+    )
+    os.close(slave)
+    output = b""
+    try:
+        deadline = time.monotonic() + 10
+        while b"fg " not in output and time.monotonic() < deadline:
+            output += os.read(master, 4096)
+        assert b"fg True" in output
+        os.write(master, b"\x03")  # Ctrl-C: the terminal sends SIGINT to its foreground group
+        assert popen.wait(10) == 130
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+            popen.wait(5)
+        os.close(master)
