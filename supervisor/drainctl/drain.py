@@ -82,6 +82,7 @@ class Seams:
     probe: Callable[[], ProbeResult] | None = None
     stop: Callable[[], None] | None = None  # sends the stop signal; None: standalone prestop
     kill: Callable[[], int] | None = None  # sends SIGKILL; returns the pid it went to
+    prepare: Callable[[], object] | None = None  # warm-up at the trigger (imports), off the loop
 
 
 @dataclass(slots=True)
@@ -145,6 +146,8 @@ class Drain:
         self._stop_at = self.t0 + self._budget.stop_deadline
         self._enter(Phase.DELAY, "drain.started", trigger=trigger,
                     deadline_s=round(self._budget.stop_deadline, 3))
+        if self.seams.prepare is not None:
+            self.seams.runner.submit(self.seams.prepare, lambda _: None)
         if self._wait.ports is None:
             self._lookup_ports()
         self.tick()

@@ -96,8 +96,16 @@ def drain_seams(
                     downcall.probe_url(url, path), timeout=min(2.0, config.down_timeout)
                 )
 
+    def prepare() -> None:
+        # httpx and httpcore (imported by httpx's transport on first use) cost ~200 ms or more
+        # to import: pay that during the delay, not in the down call's time.
+        if url is not None:
+            import httpcore  # noqa: F401
+            import httpx  # noqa: F401
+        count([], None)
+
     return Seams(clock=clock, runner=runner, count=count, lookup_ports=lookup_ports,
-                 call_down=call_down, probe=probe)
+                 call_down=call_down, probe=probe, prepare=prepare)
 
 
 class Supervisor:
