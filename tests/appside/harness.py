@@ -15,9 +15,10 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from drainctl import _downstate
 
@@ -52,10 +53,15 @@ class KeepAliveClient:
     here the test decides, and asks whether the server has sent EOF.
     """
 
+    # Every client still open, so that a failed assertion does not leak sockets (pytest turns
+    # the ResourceWarning into an error): running() closes them all.
+    live: ClassVar[set[KeepAliveClient]] = set()
+
     def __init__(self, port: int, timeout: float = 5.0) -> None:
         self.port = port
         self.sock = socket.create_connection((HOST, port), timeout=timeout)
         self.local_port: int = self.sock.getsockname()[1]
+        KeepAliveClient.live.add(self)
 
     def request(self, path: str, method: str = "GET") -> Response:
         self.sock.sendall(
@@ -87,6 +93,12 @@ class KeepAliveClient:
 
     def close(self) -> None:
         self.sock.close()
+        KeepAliveClient.live.discard(self)
+
+    @classmethod
+    def close_all(cls) -> None:
+        for client in list(cls.live):
+            client.close()
 
 
 def server_side_established(server_port: int, client_port: int) -> bool:
@@ -193,12 +205,12 @@ def running(server: Server) -> Iterator[Server]:
         server.start()
         yield server
     finally:
+        KeepAliveClient.close_all()
         server.stop()
 
 
-def wait_until(predicate: object, timeout: float, interval: float = 0.02) -> bool:
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
     """Poll ``predicate()`` until true or ``timeout`` (busy_wait, as in tini's tests)."""
-    assert callable(predicate)
     deadline = time.monotonic() + timeout
     while True:
         if predicate():
@@ -206,3 +218,160 @@ def wait_until(predicate: object, timeout: float, interval: float = 0.02) -> boo
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+def worker_pids(server: Server) -> list[int]:
+    """The processes of the server's group that serve requests: not the master itself, nor
+    multiprocessing's resource tracker (uvicorn and hypercorn start workers with spawn)."""
+    assert server.proc is not None
+    master = server.proc.pid
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == master:
+            continue
+        try:
+            if os.getpgid(int(entry.name)) != master:
+                continue
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"resource_tracker" not in cmdline:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+@contextlib.contextmanager
+def only(pid: int, workers: list[int]) -> Iterator[None]:
+    """Let only ``pid`` accept: its sibling workers are stopped meanwhile."""
+    others = [w for w in workers if w != pid]
+    try:
+        for w in others:
+            os.kill(w, signal.SIGSTOP)
+        yield
+    finally:
+        for w in others:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w, signal.SIGCONT)
+
+
+def connect_to(pid: int, workers: list[int], port: int) -> tuple[KeepAliveClient, Response]:
+    with only(pid, workers):
+        client = KeepAliveClient(port)
+        # The first request too: a worker accepts when it gets to it, which must be now.
+        response = client.request("/")
+    assert response.status == 200
+    assert int(response.headers["x-pid"]) == pid, "the connection reached another worker"
+    return client, response
+
+
+def closes(response: Response) -> bool:
+    """Does this response end its connection? RFC 9112 section 9.6 (Connection: close), or
+    section 9.3: an HTTP/1.0 response without keep-alive is not persistent (wsgiref)."""
+    if response.version == 10:
+        return "keep-alive" not in response.headers.get("connection", "").lower()
+    return response.says_close
+
+
+def classify_header_alone(port: int) -> str:
+    """Send /naive (the header added by hand, no DrainMiddleware) and classify what happens."""
+    client = KeepAliveClient(port)
+    try:
+        response = client.request("/naive")
+        if response.status == 500:
+            return "error"
+        said, did = response.says_close, client.server_closed(wait=0.5)
+        if said and did:
+            return "closes"
+        if not said and not did:
+            return "ignored"
+        return f"inconsistent (header {said}, closed {did})"
+    finally:
+        client.close()
+
+
+def assert_really_closed(client: KeepAliveClient, port: int) -> None:
+    assert client.server_closed(wait=3.0), "the server kept the connection open"
+    assert wait_until(lambda: not server_side_established(port, client.local_port), 2.0), (
+        "the server's end of the connection is still ESTABLISHED"
+    )
+    client.close()
+
+
+def check_contract(
+    srv: Server,
+    *,
+    workers: int = 1,
+    keepalive: bool = True,
+    down_url: str = "/drainctl/down",
+    header_alone: str | None = None,
+    shared_state: bool = True,
+) -> None:
+    """Issue 5's checks against one running server, in order: before down, down, after down.
+
+    Before: no close, connections stay open (unless the server never keeps them, ``keepalive``).
+    Down: through the first worker only, twice. After: every connection opened before down and
+    every new one, on every worker, gets ``Connection: close`` and is really closed; health
+    paths answer 200, readiness 503. ``header_alone``: what ``/naive`` is expected to show.
+    ``shared_state``: a drainctl down-state file must exist after down (Python servers).
+    """
+    port = srv.port
+    assert srv.proc is not None
+    if workers > 1:
+        assert wait_until(lambda: len(worker_pids(srv)) == workers, 10.0), (
+            f"expected {workers} workers, found {worker_pids(srv)}\n{srv.output()}"
+        )
+        pids = worker_pids(srv)
+    else:
+        pids = [srv.proc.pid]
+
+    # Before down: no close, connections stay open; one held connection on every worker.
+    held: dict[int, KeepAliveClient] = {}
+    for pid in pids:
+        client, response = connect_to(pid, pids, port)
+        assert response.headers["x-draining"] == "0"
+        if keepalive:
+            assert not closes(response), f"{srv.name}: closes before down: {response.headers}"
+            assert not client.server_closed(wait=0.2), f"{srv.name}: closed before down"
+            held[pid] = client
+        else:
+            assert closes(response), f"{srv.name}: was expected to close every connection"
+            client.close()
+    for path in ("/healthz", "/ok.htm", "/readyz"):
+        assert get(port, path).status == 200, path
+    if header_alone is not None:
+        assert classify_header_alone(port) == header_alone
+
+    # Down, through the first worker only; twice (idempotent), GET then POST.
+    with only(pids[0], pids):
+        first = get(port, down_url)
+        second = get(port, down_url, method="POST")
+    assert (first.status, first.body) == (200, b"down\n")
+    assert (second.status, second.body) == (200, b"down\n")
+    if shared_state:
+        assert srv.state_file and os.path.exists(srv.state_file), "no down state file written"
+
+    # Every connection opened before down gets Connection: close and is really closed.
+    for pid, client in held.items():
+        response = client.request("/")
+        assert response.status == 200
+        assert response.headers["x-draining"] == "1", f"worker {pid} did not see the down state"
+        assert closes(response), f"{srv.name}: worker {pid} answered without close after down"
+        assert_really_closed(client, port)
+
+    # So does every new connection, on every worker.
+    for pid in pids:
+        client, response = connect_to(pid, pids, port)
+        assert response.headers["x-draining"] == "1"
+        assert closes(response), f"{srv.name}: worker {pid}: {response.headers}"
+        assert_really_closed(client, port)
+
+    # Health stays 200 (with close: the gateway's checker leaves too); readiness says 503.
+    for path in ("/healthz", "/ok.htm"):
+        client = KeepAliveClient(port)
+        response = client.request(path)
+        assert (response.status, response.body) == (200, b"ok\n"), path
+        assert closes(response), path
+        assert_really_closed(client, port)
+    ready = get(port, "/readyz")
+    assert (ready.status, ready.body) == (503, b"draining\n")
+    assert closes(ready)
