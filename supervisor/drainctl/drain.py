@@ -315,7 +315,8 @@ class Drain:
 
     def _tick_wait(self, now: float) -> None:
         wait = self._wait
-        if wait.ports is None or wait.lookup_pending:
+        # Results can arrive inline (InlineRunner) and finish the wait under our feet.
+        if self.phase is not Phase.WAITING or wait.ports is None or wait.lookup_pending:
             return
         if not wait.ports:
             if wait.lookups >= 2:
@@ -391,6 +392,8 @@ class Drain:
 
     def _finish(self, reason: str, then_stop: bool = True) -> None:
         assert self.t0 is not None
+        if self.outcome is not None:
+            return
         now = self.seams.clock()
         last = self._wait.last
         count = None if last is None else last.established

@@ -1,6 +1,7 @@
 """Test app: an HTTP/1.1 keep-alive server with a down endpoint (the incident's Java app, small).
 
     httpapp.py --port P [--port6 P] [--no-close] [--halting] [--outbound HOST:PORT]
+               [--ignore-term] [--exit-after SECONDS --exit-code N]
 
 GET /down (or /ok.htm?down=true)  from then on every response carries `Connection: close`
                                   and the server closes after it (unless --no-close)
@@ -9,12 +10,17 @@ GET /health                       200 always (unless --halting: 503 "halting" af
                                   in the incident)
 anything else                     200 "ok"
 --outbound HOST:PORT              keep one outbound connection open to another server
-Prints "listening <port>..." once ready; logs "down" when the down endpoint is hit.
+--ignore-term                     print SIGTERM and go on (an app that will not stop)
+--exit-after S --exit-code N      exit by itself S seconds after start
+Prints "listening <port>..." once ready, "down <n> <time>" when the down endpoint is hit,
+"signal <NAME> <time>" for SIGTERM, SIGINT and SIGUSR1 (SIGTERM/SIGINT then exit 128+N).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import socket
 import sys
 import threading
@@ -73,7 +79,19 @@ def main() -> int:
     parser.add_argument("--no-close", action="store_true")
     parser.add_argument("--halting", action="store_true")
     parser.add_argument("--outbound", default="")
+    parser.add_argument("--ignore-term", action="store_true")
+    parser.add_argument("--exit-after", type=float, default=0.0)
+    parser.add_argument("--exit-code", type=int, default=0)
     options = parser.parse_args()
+
+    def on_signal(signo: int, _frame: object) -> None:
+        print(f"signal {signal.Signals(signo).name} {time.time():.3f}", flush=True)
+        if signo == signal.SIGUSR1 or (signo == signal.SIGTERM and options.ignore_term):
+            return
+        os._exit(128 + signo)
+
+    for signo in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signo, on_signal)
     Handler.options = options
     servers: list[ThreadingHTTPServer] = [Server(("127.0.0.1", options.port), Handler)]
     if options.port6:
@@ -87,6 +105,10 @@ def main() -> int:
     ports = [s.server_address[1] for s in servers]
     print("listening " + " ".join(str(p) for p in ports), flush=True)
     try:
+        if options.exit_after:
+            time.sleep(options.exit_after)
+            print(f"exiting {options.exit_code} {time.time():.3f}", flush=True)
+            return options.exit_code
         while True:
             time.sleep(3600)
     finally:
