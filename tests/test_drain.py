@@ -210,7 +210,9 @@ def bad_server(kind: str) -> Iterator[int]:
 
 @pytest.mark.parametrize("kind", ["refused", "hanging", "500"])
 def test_a_failed_down_call_is_logged_and_the_drain_goes_on(procs: Processes, kind: str) -> None:
-    ctx: AbstractContextManager[int] = nullcontext(free_port()) if kind == "refused" else bad_server(kind)
+    ctx: AbstractContextManager[int] = (
+        nullcontext(free_port()) if kind == "refused" else bad_server(kind)
+    )
     with ctx as down_port:
         proc, _ = start_app(procs, "--delay", "0.1", "--settle", "0.1", "--down-timeout",
                             "0.5", "--grace-period", "6", "--stop-timeout", "2",
