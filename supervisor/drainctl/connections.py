@@ -583,42 +583,53 @@ _PROC_FILES = ("/proc/net/tcp", "/proc/net/tcp6")
 
 
 def _count_proc(ports: list[int]) -> dict[int, list[int]]:
-    # proc(5): "sl local_address rem_address st ..." with addresses as HEXIP:HEXPORT and the
-    # state as two hex digits. Compare the port and the state as text: no int() per line.
     tallies = {port: [0, 0, 0, 0] for port in ports}
-    by_hex = {f"{port:04X}".encode(): tallies[port] for port in ports}
+    for path in _PROC_FILES:
+        _tally_proc_lines(_read_proc(path) or [], tallies)
+    return tallies
+
+
+def _tally_proc_lines(lines: Sequence[bytes], tallies: dict[int, list[int]]) -> None:
+    """Add the sockets listed in /proc/net/tcp or tcp6 text (header line first) to the tallies.
+
+    proc(5): "sl local_address rem_address st ..." with addresses as HEXIP:HEXPORT and the state
+    as two hex digits. The port and the state are compared as text: no int() per line.
+    """
+    by_hex = {b"%04X" % port: tally for port, tally in tallies.items()}
     established = b"%02X" % TCP_ESTABLISHED
     close_wait = b"%02X" % TCP_CLOSE_WAIT
     listen = b"%02X" % TCP_LISTEN
-    for path in _PROC_FILES:
-        lines = _read_proc(path)
-        if lines is None:
+    for line in lines[1:]:
+        fields = line.split(None, 4)  # sl, local_address, rem_address, st, the rest
+        if len(fields) < 4:
             continue
-        for line in lines[1:]:  # the first line is the header
-            fields = line.split(None, 4)
-            if len(fields) < 4:
-                continue
-            tally = by_hex.get(fields[1][-4:])
-            if tally is None:
-                continue
-            state = fields[3]
-            if state == established:
-                tally[0] += 1
-            elif state == close_wait:
-                tally[1] += 1
-            elif state != listen:
-                tally[2] += 1
-    return tallies
+        tally = by_hex.get(fields[1][-4:])
+        if tally is None:
+            continue
+        state = fields[3]
+        if state == established:
+            tally[0] += 1
+        elif state == close_wait:
+            tally[1] += 1
+        elif state != listen:
+            tally[2] += 1
 
 
 def _listening_inodes_proc() -> dict[int, int]:
     inodes: dict[int, int] = {}
-    listen = b"%02X" % TCP_LISTEN
     for path in _PROC_FILES:
-        for line in (_read_proc(path) or [])[1:]:
-            fields = line.split(None, 10)  # ... uid(7) timeout(8) inode(9)
-            if len(fields) > 9 and fields[3] == listen:
-                inodes[int(fields[9])] = int(fields[1][-4:], 16)
+        inodes.update(_listeners_from_proc_lines(_read_proc(path) or []))
+    return inodes
+
+
+def _listeners_from_proc_lines(lines: Sequence[bytes]) -> dict[int, int]:
+    """inode -> port of the LISTEN sockets in /proc/net/tcp or tcp6 text (header line first)."""
+    inodes: dict[int, int] = {}
+    listen = b"%02X" % TCP_LISTEN
+    for line in lines[1:]:
+        fields = line.split(None, 10)  # ... st(3) queues(4) timer(5) retrnsmt(6) uid timeout inode
+        if len(fields) > 9 and fields[3] == listen:
+            inodes[int(fields[9])] = int(fields[1][-4:], 16)
     return inodes
 
 
