@@ -38,7 +38,8 @@ class Case:
     env: dict[str, str] = field(default_factory=dict)
     down_url: str = "/drainctl/down"
     # What the server does with an app's own `Connection: close` header and nothing else
-    # (docs/app-side.md's table): "closes", "ignored" (dropped, connection kept) or "error" (500:
+    # (docs/app-side.md's table): "closes"; "dropped" (the header never reaches the client, the
+    # connection stays); "kept-open" (the header is sent, the connection stays); "error" (500:
     # the server enforces PEP 3333's ban on hop-by-hop headers).
     header_alone: str = "closes"
 
@@ -65,7 +66,7 @@ CASES = [
          "-w", "2", "-b", BIND, WSGI),
         "gunicorn",
         workers=2,
-        header_alone="ignored",
+        header_alone="dropped",
     ),
     Case(
         "waitress",
@@ -94,6 +95,20 @@ CASES = [
          "--port", "{port}", ASGI),
         "httptools",
         workers=2,
+    ),
+    Case(
+        "gunicorn-uvicorn-worker",
+        (PY, "-m", "gunicorn", "-k", "uvicorn.workers.UvicornWorker", "--keep-alive", "30",
+         "-w", "2", "-b", BIND, ASGI),
+        "uvicorn",
+        workers=2,
+    ),
+    Case(
+        "gunicorn-asgi",
+        (PY, "-m", "gunicorn", "-k", "asgi", "--keep-alive", "30", "-w", "2", "-b", BIND, ASGI),
+        "gunicorn.workers.gasgi",
+        workers=2,
+        header_alone="kept-open",
     ),
     Case("hypercorn", (PY, "-m", "hypercorn", "-w", "2", "-b", BIND, ASGI), "hypercorn", workers=2),
 ]

@@ -312,6 +312,44 @@ def test_asgi_root_path_remote_and_other_scopes(state_file: str) -> None:
         assert asgi_call(app, type=kind)[2] == json.dumps([f"{kind}.seen"]).encode()
 
 
+def gunicorn_like_send(request: object, sent: list[asgi.Message]) -> asgi.Send:
+    """A send() shaped like gunicorn's ASGI worker's: a closure over its request object."""
+
+    async def send(message: asgi.Message) -> None:
+        assert request is not None
+        sent.append(message)
+
+    send.__module__ = "gunicorn.asgi.protocol"
+    return send
+
+
+def test_asgi_gunicorn_worker_request_is_marked(
+    state_file: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Request:
+        must_close = False
+
+        def should_close(self) -> bool:
+            return self.must_close
+
+    app = asgi.DrainMiddleware(asgi_hello, state_file=state_file)
+    app.mark_down()
+    scope = {"type": "http", "http_version": "1.1", "method": "GET", "path": "/"}
+
+    async def receive() -> asgi.Message:
+        return {"type": "http.request"}
+
+    request = Request()
+    sent: list[asgi.Message] = []
+    asyncio.run(app(scope, receive, gunicorn_like_send(request, sent)))
+    assert request.must_close and dict(sent[0]["headers"])[b"connection"] == b"close"
+    # A gunicorn whose send() no longer closes over the request: said once, loudly.
+    with caplog.at_level(logging.WARNING, logger="drainctl.app"):
+        for _ in range(2):
+            asyncio.run(app(scope, receive, gunicorn_like_send(object(), [])))
+    assert sum("request object was not found" in r.getMessage() for r in caplog.records) == 1
+
+
 # --- The shared down state
 
 

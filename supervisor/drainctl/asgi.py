@@ -5,18 +5,28 @@ Two lines for an app (issue 5)::
     from drainctl.asgi import DrainMiddleware
     app = DrainMiddleware(app, health_paths=["/healthz"])
 
-The same contract as drainctl.wsgi. An ASGI app can ask for a close in one way only: the
-``Connection: close`` response header (RFC 9112 section 9.6). uvicorn (h11 and httptools) and
-hypercorn honour it and close the connection after the response (docs/app-side.md; verified by
-tests/test_app_side.py). It is added to HTTP/1.x responses only: HTTP/2 forbids the header
-(RFC 9113 section 8.2.2) and closing there is the server's GOAWAY. WebSocket and lifespan scopes
-pass through untouched; long-lived WebSockets should be closed by the app when ``is_draining()``.
+The same contract as drainctl.wsgi. ASGI gives an app one way to ask for a close: the
+``Connection: close`` response header (RFC 9112 section 9.6). uvicorn (h11 and httptools, also as
+gunicorn's ``uvicorn.workers.UvicornWorker``) and hypercorn honour it and close the connection
+after the response. gunicorn's own ASGI worker (``-k asgi``, gunicorn 27) sends the header but
+keeps the connection open, against RFC 9112 section 9.6 ("A server that sends a close connection
+option MUST initiate closure"); its keep-alive decision reads the request object's
+``must_close``, which is reached through the ``send`` callable gunicorn hands to the app (a
+closure over that request), so the middleware sets it there. docs/app-side.md has the table;
+tests/test_app_side.py checks every row against the real server.
+
+The header is added to HTTP/1.x responses only: HTTP/2 forbids it (RFC 9113 section 8.2.2) and
+closing there is the server's GOAWAY. WebSocket and lifespan scopes pass through untouched;
+long-lived WebSockets should be closed by the app when ``is_draining()``.
+
+Put DrainMiddleware outermost, so that it gets the server's own ``send``.
 
 Imports only the standard library (issue 5).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
@@ -42,6 +52,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+_log = logging.getLogger("drainctl.app")
+
+
 def is_draining(state_file: str | None = None) -> bool:
     """True once the down endpoint was called in any worker of this server (or ``mark_down``)."""
     return get_state(state_file).is_down()
@@ -57,6 +70,26 @@ def _with_close(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, byt
     return [(k, v) for k, v in headers if k.lower() != b"connection"] + [
         (b"connection", b"close")
     ]
+
+
+def _gunicorn_force_close(send: Send) -> bool | None:
+    """For gunicorn's ASGI worker: make it close after this response.
+
+    None: ``send`` is not gunicorn's; True: done; False: gunicorn's, but its request object was
+    not found (a gunicorn that changed gunicorn/asgi/protocol.py: the tests will say so).
+    """
+    if not str(getattr(send, "__module__", "")).startswith("gunicorn."):
+        return None
+    for cell in getattr(send, "__closure__", None) or ():
+        try:
+            obj = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        # gunicorn.http.message.Message: should_close() honours must_close.
+        if hasattr(obj, "must_close") and callable(getattr(obj, "should_close", None)):
+            obj.must_close = True
+            return True
+    return False
 
 
 class DrainMiddleware:
@@ -86,6 +119,7 @@ class DrainMiddleware:
             allow_remote_down=allow_remote_down,
         )
         self.state = get_state(state_file, check_interval=check_interval)
+        self._warned_unforced = False
 
     @property
     def draining(self) -> bool:
@@ -118,10 +152,20 @@ class DrainMiddleware:
             # Decided when the response starts: a request that was running when down was
             # called must also make its client leave.
             if message["type"] == "http.response.start" and http1 and self.state.is_down():
+                self._force_close(send)
                 message = {**message, "headers": _with_close(message.get("headers", ()))}
             await send(message)
 
         await self.app(scope, receive, drain_send)
+
+    def _force_close(self, send: Send) -> None:
+        """What a server needs besides the header (only gunicorn's ASGI worker, so far)."""
+        if _gunicorn_force_close(send) is False and not self._warned_unforced:
+            self._warned_unforced = True
+            _log.warning(
+                "drainctl: gunicorn's ASGI worker keeps connections open after Connection: "
+                "close and its request object was not found; connections will not close"
+            )
 
     async def _reply(self, send: Send, reply: Reply, *, head: bool, http1: bool) -> None:
         headers = [
@@ -131,6 +175,7 @@ class DrainMiddleware:
             *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers),
         ]
         if http1 and self.state.is_down():
+            self._force_close(send)
             headers = _with_close(headers)
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if head else reply.body})
