@@ -213,6 +213,7 @@ class DownState:
 
 
 _states: dict[str | None, DownState] = {}
+_default: DownState | None = None
 _states_lock = threading.Lock()
 _warned_nowhere = False
 
@@ -220,9 +221,13 @@ _warned_nowhere = False
 def get_state(state_file: str | None = None, *, check_interval: float = 0.0) -> DownState:
     """The process-wide DownState for ``state_file`` (default: ``default_state_file()``).
 
-    One object per file, so ``is_draining()`` in app code and the middleware always agree.
+    One object per file, so ``is_draining()`` in app code and the middleware always agree. The
+    default location is resolved once per process: ``is_draining()`` may be called per request,
+    and resolving reads /proc.  ``check_interval`` counts when the object is first made.
     """
-    global _warned_nowhere
+    global _default, _warned_nowhere
+    if state_file is None and _default is not None:
+        return _default
     path = state_file or default_state_file()
     with _states_lock:
         state = _states.get(path)
@@ -238,6 +243,8 @@ def get_state(state_file: str | None = None, *, check_interval: float = 0.0) -> 
                 )
             state = DownState(path, check_interval=check_interval)
             _states[path] = state
+        if state_file is None:
+            _default = state
         return state
 
 
