@@ -110,6 +110,34 @@ command(
 )
 
 
+@app.command("demo", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def _demo(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+    clients: int = typer.Option(4, "--clients", min=1, max=20, help="Keep-alive clients."),
+    slow_clients: int = typer.Option(
+        2, "--slow-clients", min=0, max=10, help="Slow clients (1.5 s requests)."
+    ),
+    delay: str = typer.Option(
+        "1s", "--delay", metavar="VALUE", help="The old preStop's sleep and drainctl's --delay."
+    ),
+    app_mode: bool = typer.Option(False, "--app", hidden=True),
+) -> None:
+    """The incident and the fix, side by side, on loopback: a pod with keep-alive and slow
+    clients terminated the naive way, then under drainctl; a timeline and the failure counts.
+    No root, no HAProxy; about 15 seconds."""
+    if app_mode:  # the demo's app, run through the frozen binary (there is no python there)
+        from drainctl import _demoapp
+
+        raise typer.Exit(_demoapp.main(ctx.args))
+    if ctx.args:
+        ctx.fail(f"unexpected argument {ctx.args[0]!r}")
+    from drainctl import demo  # clients, threads, subprocesses: only when the demo runs
+
+    raise typer.Exit(demo.command(as_json=as_json, clients=clients, slow_clients=slow_clients,
+                                  delay=delay))
+
+
 def app_main(args: Sequence[str]) -> int:
     """Run the app; a usage error is one line (`drainctl: ...`) and exit 2, never a traceback."""
     if not args:
