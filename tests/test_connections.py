@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import os
+import shlex
 import shutil
 import socket
 import struct
@@ -432,6 +433,44 @@ def test_listening_ports_of_a_gone_process_is_empty() -> None:
     assert listening_ports(gone.pid) == []
 
 
+# Run in a network namespace of its own: this process's listeners are the only ones there, so
+# listening_ports() can stop scanning fds once it has found them (listeners come first).
+ALONE_IN_NETNS = r"""
+import json, os, socket
+from drainctl.connections import Counter, all_listening_ports, listening_ports
+v4 = socket.socket(); v4.bind(("127.0.0.1", 0)); v4.listen(64)
+port = v4.getsockname()[1]
+held = []
+for _ in range(50):
+    held.append(socket.create_connection(("127.0.0.1", port)))
+    held.append(v4.accept()[0])
+counts = Counter("netlink").count([port])
+print(json.dumps({"port": port, "mine": listening_ports(os.getpid()),
+                  "all": all_listening_ports(), "established": counts.established}))
+"""
+
+
+@pytest.mark.root
+@pytest.mark.skipif(
+    not (os.geteuid() == 0 and shutil.which("unshare") and shutil.which("ip")),
+    reason="needs root, unshare(1) and ip(8) for a network namespace",
+)
+def test_alone_in_a_network_namespace() -> None:
+    script = (
+        f"ip link set lo up && exec {shlex.quote(sys.executable)} -c {shlex.quote(ALONE_IN_NETNS)}"
+    )
+    out = subprocess.run(
+        ["unshare", "--net", "sh", "-c", script],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    result = json.loads(out.stdout)
+    assert result["mine"] == result["all"] == [result["port"]]
+    assert result["established"] == 50
+
+
 def test_proc_fallback_finds_the_same_listeners(sockets: Sockets) -> None:
     listeners = [sockets.listener()]
     if HAS_IPV6:
@@ -604,6 +643,14 @@ def test_proc_lines_tally_by_local_port_and_state() -> None:
         50000: [1, 0, 0, 0],
         22: [0, 0, 0, 0],
     }
+
+
+def test_proc_lines_repeated_by_a_resumed_read_count_once() -> None:
+    lines = PROC_TCP.splitlines()
+    repeated = [*lines[:3], lines[1].replace(b"   1:", b"  27:"), *lines[3:]]
+    tallies = {8080: [0, 0, 0, 0]}
+    conn._tally_proc_lines(repeated, tallies)
+    assert tallies == {8080: [1, 1, 1, 0]}
 
 
 def test_proc_lines_listeners() -> None:
