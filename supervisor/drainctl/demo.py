@@ -421,14 +421,15 @@ def _await_gone(proc: _Process, clock: _Clock, scenario: Scenario, note: Callabl
 
 
 def _naive(procs: _Processes, options: DemoOptions, other: tuple[str, int]) -> Scenario:
-    scenario = Scenario("naive", "naive: the incident (preStop: sleep, then down; app answers "
-                        "503 \"halting\" after down)")
+    scenario = Scenario("naive", f"naive, the incident. preStop: sleep {options.delay:g}s, call "
+                        "down; after down the app answers 503 \"halting\"")
     proc, port = _start_pod(procs, "pod-1", naive=True)
     clients, clock = _traffic(options, port, other)
 
     def note(text: str) -> None:
         scenario.timeline.append((round(clock.now(), 2), text))
 
+    scenario.timeline.append((0.0, _traffic_text(options)))
     try:
         clock.sleep_until(TERMINATING_AT)
         clients.balancer.remove_first()
@@ -436,22 +437,24 @@ def _naive(procs: _Processes, options: DemoOptions, other: tuple[str, int]) -> S
         note(f"preStop hook: sleep {options.delay:g}s")
         clock.sleep_until(TERMINATING_AT + options.delay)
         note(f"preStop hook: GET {DOWN_PATH} -> {_call(port)}")
-        note(f"kubelet: preStop returned: SIGTERM to the app (it stops accepting and gives "
-             f"requests in flight {SHUTDOWN_GRACE:g}s)")
+        note(f"kubelet: preStop returned: SIGTERM to the app ({SHUTDOWN_GRACE:g}s for "
+             "requests in flight)")
         proc.signal(signal.SIGTERM)
         _await_gone(proc, clock, scenario, note, "the app")
         note(f"app exited (code {scenario.exit_code}): pod-1 gone")
         clock.sleep_until(clock.now() + TAIL)
-    finally:
-        clients.finish()
+    except BaseException:
+        clients.stop.set()  # Ctrl-C or an error: the processes go next, nothing to wait for
+        raise
+    clients.finish()
     _tally(scenario, clients, clock)
     return scenario
 
 
 def _with_drainctl(procs: _Processes, options: DemoOptions, other: tuple[str, int],
                    tmp: Path) -> Scenario:
-    scenario = Scenario("drainctl", "drainctl: drainctl run as PID 1 (SIGTERM -> delay, down, "
-                        "drain, stop); app answers Connection: close after down")
+    scenario = Scenario("drainctl", "drainctl. drainctl run is PID 1; after down the app "
+                        "answers Connection: close")
     events: list[dict[str, Any]] = []
     port = _free_port()
     argv = [
@@ -476,6 +479,7 @@ def _with_drainctl(procs: _Processes, options: DemoOptions, other: tuple[str, in
     def note(text: str) -> None:
         scenario.timeline.append((round(clock.now(), 2), text))
 
+    scenario.timeline.append((0.0, _traffic_text(options)))
     try:
         clock.sleep_until(TERMINATING_AT)
         clients.balancer.remove_first()
@@ -484,8 +488,10 @@ def _with_drainctl(procs: _Processes, options: DemoOptions, other: tuple[str, in
         proc.signal(signal.SIGTERM)
         _await_gone(proc, clock, scenario, note, "drainctl and the app")
         clock.sleep_until(clock.now() + TAIL)
-    finally:
-        clients.finish()
+    except BaseException:
+        clients.stop.set()  # Ctrl-C or an error: the processes go next, nothing to wait for
+        raise
+    clients.finish()
     for event in events:
         if event.get("event") == "child.started" and isinstance(event.get("pid"), int):
             procs.pids.add(event["pid"])  # gone by now: listed for the caller to check
@@ -497,6 +503,11 @@ def _with_drainctl(procs: _Processes, options: DemoOptions, other: tuple[str, in
                                   "pod-1 gone (killed)"))
     _tally(scenario, clients, clock)
     return scenario
+
+
+def _traffic_text(options: DemoOptions) -> str:
+    return (f"traffic: {options.clients} keep-alive and {options.slow_clients} slow clients, "
+            "all connected to pod-1")
 
 
 def _traffic(options: DemoOptions, port: int, other: tuple[str, int]) -> tuple[_Clients, _Clock]:
@@ -520,11 +531,11 @@ def _event_text(event: dict[str, Any]) -> str | None:
     """drainctl's contract events (CONTRACT.md, "Log events"), as timeline lines."""
     name = event.get("event")
     if name == "drain.started":
-        return (f"drainctl: drain started (trigger {event.get('trigger')}); the app's stop "
-                f"signal is due {event.get('deadline_s')}s after it at the latest")
+        return (f"drainctl: drain started by {event.get('trigger')}; stop signal to the app "
+                f"{event.get('deadline_s')}s later at the latest")
     if name == "delay.finished":
-        return (f"drainctl: delay over ({event.get('elapsed_s')}s): endpoint removal has "
-                "reached the load balancers")
+        return (f"drainctl: delay over ({event.get('elapsed_s')}s): endpoint removal has had "
+                "time to propagate")
     if name == "down.called":
         result = event.get("status", event.get("error"))
         return (f"drainctl: GET {DOWN_PATH} -> {result} ({event.get('elapsed_ms')} ms): the app "
@@ -550,7 +561,7 @@ def _event_text(event: dict[str, Any]) -> str | None:
 
 
 _CLIENT_TEXT = {
-    "close": "200 with Connection: close -> next request on a new connection, to pod-2",
+    "close": "200, Connection: close -> reconnect, to pod-2",
     "closed": "connection closed mid-request, no answer [FAILED]",
     "refused": "connection refused [FAILED]",
     "timeout": "no answer in time [FAILED]",
@@ -634,7 +645,8 @@ def run_demo(options: DemoOptions, progress: Callable[[str], None] | None = None
                 progress("B. drainctl: running...")
             scenarios.append(_with_drainctl(procs, options, other, tmp))
     finally:
-        procs.close()
+        with _uninterrupted():
+            procs.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return Figures(scenarios, sorted(procs.pids), round(time.monotonic() - started, 2), options)
 
@@ -657,22 +669,42 @@ def _signals_end_the_demo() -> Iterator[None]:
             signal.signal(signo, handler)
 
 
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """A second Ctrl-C must not cut the clean-up short (it takes a second at most)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in signals}
+    try:
+        yield
+    finally:
+        for signo, handler in previous.items():
+            signal.signal(signo, handler)
+
+
 # ---- output -------------------------------------------------------------------------------------
 
 
 def render(figures: Figures) -> str:
     options = figures.options
     lines = [
-        f"pod-1 is terminated twice, with {options.clients} keep-alive clients (a request every "
-        f"50-100 ms) and {options.slow_clients} slow clients ({SLOW_SECONDS:g} s requests) on "
-        "it;",
-        f"pod-2 stays up. Grace period {GRACE_PERIOD:g}s; times are seconds since traffic "
-        "started.",
+        f"pod-1 is terminated twice. On it: {options.clients} keep-alive clients (a request "
+        f"every 50-100 ms)",
+        f"and {options.slow_clients} slow clients ({SLOW_SECONDS:g} s requests). pod-2 stays "
+        f"up and takes new connections.",
+        f"Grace period {GRACE_PERIOD:g}s. Times are seconds since the traffic started.",
     ]
     for letter, scenario in zip("AB", figures.scenarios, strict=False):
         lines += ["", f"{letter}. {scenario.title}"]
         lines += [f"  {t:+6.2f}s  {text}" for t, text in scenario.timeline]
     lines += ["", _table(figures.scenarios)]
+    if len(figures.scenarios) == 2:
+        naive, fixed = figures.scenarios
+        lines += ["", f"naive: {naive.failures} of {naive.requests} requests failed; drainctl: "
+                  f"{fixed.failures} of {fixed.requests}, and the pod took "
+                  f"{(fixed.pod_gone_s or 0) - (naive.pod_gone_s or 0):.1f}s longer to go."]
     return "\n".join(lines)
 
 
