@@ -10,8 +10,9 @@ rounds (so that all are timed in the same moments of a machine whose load drifts
 - `ss -Htn state established '( sport = :P )' | wc -l`, the reference, shell and all: what an
   operator would run;
 - one count by each drainctl method (netlink, netlink with --idle-grace, proc, psutil), each
-  in a process of its own that reports its peak RSS growth (ru_maxrss) since its imports. A
-  first, cold count per method is reported apart; psutil gets fewer rounds (seconds each);
+  in a process of its own that reports its peak RSS growth (ru_maxrss) since its imports, and
+  the peak of Python allocations during one more count (tracemalloc, untimed). A first, cold
+  count per method is reported apart; psutil gets fewer rounds (seconds each);
 then listening_ports() of this process tree, which holds all 2N sockets, beside psutil's
 per-process net_connections() over the same tree.
 Every method's count is checked against N and against ss. It reports, never asserts: timings
@@ -35,6 +36,7 @@ import struct
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,7 +47,7 @@ IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h: bind() picks the address, connect() 
 BATCH = 256  # connects per round before accepting them: keeps the backlog well under somaxconn
 BACKLOG = 4096
 METHOD_ROWS = ("netlink", "netlink+idle", "proc", "psutil")
-PSUTIL_ROUNDS = 2  # psutil takes seconds per count at 30k: a few rounds say enough
+PSUTIL_ROUNDS = 1  # psutil takes seconds per count at 30k: its cold count and one more
 
 
 # --- the helper processes that hold connections ----------------------------------------------
@@ -163,7 +165,14 @@ def serve_counts(row: str, port: int) -> None:
     grace = 1.0 if variant == "idle" else None
     counter = Counter(method)
     base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _line in sys.stdin:
+    for line in sys.stdin:
+        if line.strip() == "trace":  # one more count, untimed, under tracemalloc
+            tracemalloc.start()
+            counter.count([port], grace)
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            print(json.dumps({"alloc_peak_kib": peak // 1024}), flush=True)
+            continue
         started = time.perf_counter()
         counts = counter.count([port], grace)
         elapsed = time.perf_counter() - started
@@ -185,6 +194,7 @@ class Worker:
         self.first_ms = 0.0
         self.counts: set[int] = set()
         self.rss_kib = 0
+        self.alloc_peak_kib = 0
 
     def count(self) -> None:
         assert self.process.stdin is not None and self.process.stdout is not None
@@ -197,6 +207,12 @@ class Worker:
             self.first_ms = answer["ms"]  # cold: first socket, first buffers
         self.counts.add(answer["established"])
         self.rss_kib = answer["rss_kib"]
+
+    def trace(self) -> None:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write("trace\n")
+        self.process.stdin.flush()
+        self.alloc_peak_kib = json.loads(self.process.stdout.readline())["alloc_peak_kib"]
 
     def close(self) -> None:
         assert self.process.stdin is not None and self.process.stdout is not None
@@ -263,7 +279,7 @@ def main() -> int:
     )
     header = (
         f"{'conns':>6}  {'method':<15} {'median ms':>9} {'vs ss':>6} {'first ms':>9} "
-        f"{'RSS +KiB':>9} {'count':>6}"
+        f"{'RSS +KiB':>9} {'alloc KiB':>9} {'count':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -285,13 +301,15 @@ def main() -> int:
                     for each in workers:
                         if each.row != "psutil" or round_ < PSUTIL_ROUNDS:
                             each.count()
+                for each in workers:
+                    each.trace()
             finally:
                 for each in workers:
                     each.close()
             ss_median = statistics.median(ss_times)
             all_exact &= ss_counts == {size}
             print(
-                f"{size:>6}  {'ss | wc -l':<15} {ss_median:>9.1f} {1:>6.2f} {'':>9} {'':>9} "
+                f"{size:>6}  {'ss | wc -l':<15} {ss_median:>9.1f} {1:>6.2f} {'':>29} "
                 f"{','.join(map(str, sorted(ss_counts))):>6}"
             )
             for each in workers:
@@ -300,7 +318,7 @@ def main() -> int:
                 all_exact &= exact
                 print(
                     f"{size:>6}  {each.row:<15} {median:>9.1f} {median / ss_median:>6.2f} "
-                    f"{each.first_ms:>9.1f} {each.rss_kib:>9} "
+                    f"{each.first_ms:>9.1f} {each.rss_kib:>9} {each.alloc_peak_kib:>9} "
                     f"{','.join(map(str, sorted(each.counts))):>6}"
                     + ("" if exact else "  MISMATCH")
                 )
