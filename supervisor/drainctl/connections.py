@@ -94,6 +94,7 @@ _I32 = struct.Struct("=i")
 # The kernel caps one dump skb at 32 KiB once it has seen a large recv (netlink_recvmsg records
 # max_recvmsg_len); 64 KiB leaves room, and MSG_TRUNC below catches a kernel that sends more.
 _RECV_BUFSIZE = 65536
+_NETLINK_TIMEOUT = 5.0  # seconds per recv; a 30k-socket dump takes well under 0.1 s
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,9 +479,13 @@ def _listening_inodes_netlink() -> dict[int, int]:
 def _diag_socket() -> socket.socket:
     # sock_diag(7): a raw AF_NETLINK socket of protocol NETLINK_SOCK_DIAG. Unprivileged users may
     # dump; a sandbox may refuse the protocol (EPROTONOSUPPORT), which sends "auto" to /proc.
-    return socket.socket(
+    sock = socket.socket(
         socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
     )
+    # A dump that stalls must not stall the supervisor's loop: TimeoutError is an OSError, which
+    # the caller logs and retries like any failed count.
+    sock.settimeout(_NETLINK_TIMEOUT)
+    return sock
 
 
 def _dump(
