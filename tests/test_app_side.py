@@ -100,7 +100,7 @@ CASES = [
         "gunicorn-uvicorn-worker",
         (PY, "-m", "gunicorn", "-k", "uvicorn.workers.UvicornWorker", "--keep-alive", "30",
          "-w", "2", "-b", BIND, ASGI),
-        "uvicorn",
+        "uvicorn.workers",
         workers=2,
     ),
     Case(
@@ -114,10 +114,17 @@ CASES = [
 ]
 
 
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
 @pytest.fixture(params=CASES, ids=str)
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Case, Server]]:
     case: Case = request.param
-    if importlib.util.find_spec(case.needs) is None:
+    if not installed(case.needs):
         pytest.skip(f"{case.needs} is not installed")
     port = free_port()
     env = dict(case.env)

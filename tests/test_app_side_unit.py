@@ -110,6 +110,17 @@ def test_wsgi_before_and_after_down(state_file: str) -> None:
     assert (rec.status, body) == ("200 OK", b"down\n")
 
 
+def test_wsgi_request_running_when_down_came_also_closes(state_file: str) -> None:
+    def slow(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        wsgi.mark_down(state_file)  # the down call arrives while this request runs
+        start_response("200 OK", [])
+        return [b""]
+
+    app = wsgi.DrainMiddleware(slow, state_file=state_file)
+    rec, _ = call(app, environ("/"))
+    assert rec.header("connection") == "close"
+
+
 def test_wsgi_incident_contract_ok_htm(state_file: str) -> None:
     app = wsgi.DrainMiddleware(
         hello,
