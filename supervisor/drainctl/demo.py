@@ -112,14 +112,31 @@ def _frozen() -> bool:
     return bool(getattr(sys, "frozen", False))
 
 
+def _self_command() -> list[str]:
+    """How to start this same drainctl again."""
+    if not _frozen():
+        return [sys.executable, "-m", "drainctl"]
+    # build/launcher.c starts the bundle through the glibc loader it carries
+    # (`ld.so --library-path <bundle>/_internal <bundle>/drainctl`): the image may have no loader
+    # of its own (scratch) or an older glibc, so a child must be started the same way.
+    try:
+        exe = os.readlink("/proc/self/exe")
+    except OSError:
+        exe = ""
+    libs = getattr(sys, "_MEIPASS", None)
+    if os.path.basename(exe).startswith("ld-") and isinstance(libs, str):
+        return [exe, "--library-path", libs, sys.executable]
+    return [sys.executable]
+
+
 def drainctl_command() -> list[str]:
     """drainctl itself: the frozen binary has no python to run `-m` with."""
-    return [sys.executable] if _frozen() else [sys.executable, "-m", "drainctl"]
+    return _self_command()
 
 
 def app_argv(port: int, name: str, naive: bool) -> list[str]:
     """The demo app; from the frozen binary through its hidden `demo --app` entry."""
-    base = [sys.executable, "demo", "--app"] if _frozen() else [
+    base = [*_self_command(), "demo", "--app"] if _frozen() else [
         sys.executable, "-m", "drainctl._demoapp"
     ]
     args = [*base, "--port", str(port), "--name", name, "--shutdown-grace", str(SHUTDOWN_GRACE),
