@@ -1,0 +1,370 @@
+/*
+ * drainctl's one-file launcher: unpack the bundle once per container, then exec it.
+ *
+ * dist/drainctl = this program (static, no libc needed in the image) + a gzip'ed tar of the
+ * PyInstaller onedir bundle (glibc and its loader included) + a trailer. On each start:
+ *   1. find a base directory: $DRAINCTL_RUNTIME_DIR if set, else $TMPDIR, /tmp, /dev/shm;
+ *      each must be writable and allow exec (shared libraries are mmap'ed PROT_EXEC);
+ *   2. <base>/drainctl-<uid>/<bundle id>/ already there (a previous start in this container,
+ *      e.g. `run` before `prestop`): use it; else unpack into a private temporary directory and
+ *      rename(2) it into place, so a reader never sees half a bundle and two starters cannot
+ *      collide (the loser of the rename removes its copy);
+ *   3. execv(2) the bundle's executable with our argv and environment, untouched.
+ * exec, not fork: the Python side *is* this process, so it is PID 1 and gets the signals and
+ * the orphans itself. PyInstaller's own onefile mode forks and waits instead: its bootloader
+ * stays PID 1, never reaps orphans (measured: 20 of 20 left as zombies) and unpacks again on
+ * every start (docs/frozen-binary.md has the numbers).
+ *
+ * The bundle carries glibc and its loader, and runs through that loader (`ld.so --library-path
+ * <bundle>/_internal <bundle>/drainctl ...`), so it needs no libc in the image (scratch, Alpine)
+ * and no particular glibc version (UBI 8, Ubuntu 20.04 have older ones). PyInstaller's
+ * bootloader supports being started this way: it sees /proc/self/exe is ld.so and finds itself
+ * from argv[1]. --library-path is not exported.
+ *
+ * The app must get exactly the environment drainctl got, but PyInstaller's bootloader changes
+ * LD_LIBRARY_PATH (saving it in LD_LIBRARY_PATH_ORIG, but not an empty one, and overwriting a
+ * user's LD_LIBRARY_PATH_ORIG) and sets or clears _PYI_* and PYINSTALLER_* variables. So the
+ * launcher records those variables as it received them in _DRAINCTL_ORIG_ENV (hex of
+ * "NAME=VALUE\0"..., empty when there were none), and child.child_environ puts them back.
+ *
+ * Failure is one line on stderr and exit 125 (the runtime's own failure, as `docker run`).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/types.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#define EXIT_LAUNCHER 125
+#define MAGIC "DRNCTL\x01\x00"
+
+/* Written by build/freeze.py after the payload, little-endian (x86_64, aarch64). */
+struct trailer {
+    char id[32];       /* hex digest of the payload: the bundle's directory name */
+    char interp[64];   /* the loader's path inside the bundle, e.g. _internal/ld-linux-x86-64.so.2 */
+    char program[32];  /* the executable inside the bundle, e.g. drainctl */
+    uint64_t offset;   /* where the gzip'ed tar starts in this file */
+    uint64_t size;
+    char magic[8];
+};
+
+/* The variables PyInstaller's bootloader may set, change or clear (pyi_main.c, pyi_utils.c). */
+static const char *const BOOTLOADER_OWNED[] = {"LD_LIBRARY_PATH", "_PYI_", "PYINSTALLER_", "_MEIPASS", NULL};
+#define RECORD "_DRAINCTL_ORIG_ENV"
+
+static char reasons[2048]; /* why each base directory was refused, for the one-line error */
+
+static void note(const char *fmt, ...)
+{
+    size_t used = strlen(reasons);
+    va_list ap;
+    if (used && used + 2 < sizeof(reasons)) {
+        strcat(reasons, "; ");
+        used += 2;
+    }
+    va_start(ap, fmt);
+    vsnprintf(reasons + used, sizeof(reasons) - used, fmt, ap);
+    va_end(ap);
+}
+
+static void die(const char *fmt, ...)
+{
+    char line[2600];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof(line), fmt, ap);
+    va_end(ap);
+    dprintf(2, "drainctl: %s\n", line);
+    exit(EXIT_LAUNCHER);
+}
+
+static int read_full(gzFile gz, void *buf, size_t len)
+{
+    size_t done = 0;
+    while (done < len) {
+        int n = gzread(gz, (char *)buf + done, (unsigned)(len - done > 1u << 20 ? 1u << 20 : len - done));
+        if (n <= 0)
+            return -1;
+        done += (size_t)n;
+    }
+    return 0;
+}
+
+static unsigned long long octal(const char *field, size_t len)
+{
+    unsigned long long value = 0;
+    for (size_t i = 0; i < len && field[i]; i++) {
+        if (field[i] == ' ')
+            continue;
+        if (field[i] < '0' || field[i] > '7')
+            break;
+        value = value * 8 + (unsigned)(field[i] - '0');
+    }
+    return value;
+}
+
+/* Entry names come from our own build, but a bad one must never write outside the bundle. */
+static int safe_name(const char *name)
+{
+    if (name[0] == '/' || name[0] == 0)
+        return 0;
+    for (const char *p = name; *p;) {
+        if (p[0] == '.' && p[1] == '.' && (p[2] == '/' || p[2] == 0))
+            return 0;
+        p = strchr(p, '/');
+        if (!p)
+            break;
+        p++;
+    }
+    return 1;
+}
+
+/* Unpack the ustar payload into dest (which exists, mode 0700). Returns 0 or an errno. */
+static int unpack(int fd, const struct trailer *t, const char *dest)
+{
+    int copy = dup(fd);
+    if (copy < 0 || lseek(copy, (off_t)t->offset, SEEK_SET) < 0)
+        return errno;
+    gzFile gz = gzdopen(copy, "rb");
+    if (!gz)
+        return ENOMEM;
+    gzbuffer(gz, 1 << 17);
+    static char buf[1 << 17];
+    unsigned char header[512];
+    int err = 0;
+    for (;;) {
+        if (read_full(gz, header, sizeof(header)) < 0) {
+            err = EIO;
+            break;
+        }
+        if (header[0] == 0)
+            break; /* the end-of-archive block */
+        char name[260], path[PATH_MAX];
+        const char *h = (const char *)header;
+        if (h[345])
+            snprintf(name, sizeof(name), "%.155s/%.100s", h + 345, h);
+        else
+            snprintf(name, sizeof(name), "%.100s", h);
+        unsigned long long size = octal(h + 124, 12);
+        unsigned mode = (unsigned)octal(h + 100, 8) & 0700;
+        char type = h[156];
+        if (!safe_name(name) || strlen(dest) + strlen(name) + 2 > sizeof(path)) {
+            err = EINVAL;
+            break;
+        }
+        snprintf(path, sizeof(path), "%s/%s", dest, name);
+        if (type == '5') {
+            if (mkdir(path, 0700) < 0 && errno != EEXIST) {
+                err = errno;
+                break;
+            }
+        } else if (type == '2') {
+            char target[101];
+            snprintf(target, sizeof(target), "%.100s", h + 157);
+            if (symlink(target, path) < 0) {
+                err = errno;
+                break;
+            }
+        } else if (type == '0' || type == 0) {
+            int out = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode | 0600);
+            if (out < 0) {
+                err = errno;
+                break;
+            }
+            unsigned long long left = size;
+            while (left > 0 && !err) {
+                size_t chunk = left > sizeof(buf) ? sizeof(buf) : (size_t)left;
+                if (read_full(gz, buf, chunk) < 0) {
+                    err = EIO;
+                    break;
+                }
+                for (size_t off = 0; off < chunk;) {
+                    ssize_t n = write(out, buf + off, chunk - off);
+                    if (n < 0) {
+                        err = errno; /* ENOSPC on a small tmpfs is the likely one */
+                        break;
+                    }
+                    off += (size_t)n;
+                }
+                left -= chunk;
+            }
+            if (close(out) < 0 && !err)
+                err = errno;
+            if (err)
+                break;
+            size = (size + 511) / 512 * 512 - size; /* skip the padding to the next block */
+            if (size && read_full(gz, buf, (size_t)size) < 0) {
+                err = EIO;
+                break;
+            }
+        } else {
+            err = EINVAL; /* freeze.py writes only directories, files and symlinks */
+            break;
+        }
+    }
+    gzclose(gz);
+    return err;
+}
+
+static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st, (void)flag, (void)ftw;
+    remove(path);
+    return 0;
+}
+
+static void remove_tree(const char *path)
+{
+    nftw(path, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+static int is_dir(const char *path)
+{
+    struct stat st;
+    return lstat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+/* Try one base directory; returns only if it cannot be used (the reason is noted). */
+static void try_base(const char *base, int self, const struct trailer *t, char **argv)
+{
+    char top[PATH_MAX], bundle[PATH_MAX], program[PATH_MAX], temp[PATH_MAX], loader[PATH_MAX];
+    uid_t uid = geteuid();
+    struct stat st;
+    struct statvfs vfs;
+
+    /* Bounded so that no path below can be cut short (PATH_MAX is 4096). */
+    if (strlen(base) > 1024) {
+        note("%.64s...: path too long", base);
+        return;
+    }
+    snprintf(top, sizeof(top), "%s/drainctl-%u", base, (unsigned)uid);
+    if (mkdir(top, 0700) < 0 && errno != EEXIST) {
+        note("%s: %s", base, strerror(errno));
+        return;
+    }
+    /* Ours alone: anyone who could write here could put code in PID 1 (cf. ssh-agent's checks). */
+    if (lstat(top, &st) < 0 || !S_ISDIR(st.st_mode) || st.st_uid != uid || (st.st_mode & 077)) {
+        note("%s: not a directory of uid %u with mode 0700", top, (unsigned)uid);
+        return;
+    }
+    if (statvfs(top, &vfs) == 0 && (vfs.f_flag & ST_NOEXEC)) {
+        note("%s: mounted noexec", base);
+        return;
+    }
+    snprintf(bundle, sizeof(bundle), "%s/%.32s", top, t->id);
+    snprintf(program, sizeof(program), "%s/%.32s", bundle, t->program);
+    snprintf(loader, sizeof(loader), "%s/%.64s", bundle, t->interp);
+    if (!is_dir(bundle)) {
+        snprintf(temp, sizeof(temp), "%s/.%.32s.%d", top, t->id, (int)getpid());
+        remove_tree(temp); /* a pid reused after an interrupted unpack */
+        if (mkdir(temp, 0700) < 0) {
+            note("%s: %s", base, strerror(errno));
+            return;
+        }
+        int err = unpack(self, t, temp);
+        if (!err && rename(temp, bundle) < 0 && errno != EEXIST && errno != ENOTEMPTY)
+            err = errno;
+        if (err) {
+            remove_tree(temp);
+            note("%s: cannot unpack (%s)", base, strerror(err));
+            return;
+        }
+        if (is_dir(temp))
+            remove_tree(temp); /* another start unpacked the same bundle first: use theirs */
+    }
+    /* argv for the loader: ld.so --library-path DIR PROGRAM ARG... (ld.so(8)). The program is
+     * named by its path, not our argv[0], so PyInstaller's bootloader (which knows it was started
+     * through ld.so) finds its own archive from argv[0]. */
+    char libs[PATH_MAX];
+    snprintf(libs, sizeof(libs), "%s/_internal", bundle);
+    int argc = 0;
+    while (argv[argc])
+        argc++;
+    char **args = calloc((size_t)argc + 5, sizeof(char *));
+    if (!args)
+        die("out of memory");
+    args[0] = loader;
+    args[1] = "--library-path";
+    args[2] = libs;
+    args[3] = program;
+    for (int i = 1; i < argc; i++)
+        args[3 + i] = argv[i];
+    execv(loader, args);
+    free(args);
+    note("%s: cannot exec the unpacked bundle (%s)", base, strerror(errno));
+}
+
+extern char **environ;
+
+/* setenv(RECORD, hex of every bootloader-owned "NAME=VALUE\0" as we got it). */
+static void record_environment(void)
+{
+    static const char hex[] = "0123456789abcdef";
+    size_t len = 0;
+    for (char **e = environ; *e; e++)
+        for (const char *const *p = BOOTLOADER_OWNED; *p; p++)
+            if (strncmp(*e, *p, strlen(*p)) == 0) {
+                len += 2 * (strlen(*e) + 1);
+                break;
+            }
+    char *out = malloc(len + 1), *w = out;
+    if (!out)
+        die("out of memory");
+    for (char **e = environ; *e; e++)
+        for (const char *const *p = BOOTLOADER_OWNED; *p; p++)
+            if (strncmp(*e, *p, strlen(*p)) == 0) {
+                for (const unsigned char *c = (const unsigned char *)*e;; c++) {
+                    *w++ = hex[*c >> 4];
+                    *w++ = hex[*c & 15];
+                    if (!*c)
+                        break;
+                }
+                break;
+            }
+    *w = 0;
+    if (setenv(RECORD, out, 1) < 0)
+        die("cannot record the environment: %s", strerror(errno));
+    free(out);
+}
+
+int main(int argc, char **argv)
+{
+    (void)argc;
+    int self = open("/proc/self/exe", O_RDONLY | O_CLOEXEC);
+    if (self < 0 && argv[0] && strchr(argv[0], '/'))
+        self = open(argv[0], O_RDONLY | O_CLOEXEC);
+    if (self < 0)
+        die("cannot read this executable (is /proc mounted?): %s", strerror(errno));
+
+    struct trailer t;
+    off_t end = lseek(self, 0, SEEK_END);
+    if (end < (off_t)sizeof(t) || pread(self, &t, sizeof(t), end - (off_t)sizeof(t)) != (ssize_t)sizeof(t) ||
+        memcmp(t.magic, MAGIC, sizeof(t.magic)) != 0)
+        die("this executable carries no bundle (a launcher built without build/freeze.py?)");
+
+    unsetenv(RECORD); /* only ever ours: a stale one (inherited from a parent) is not the truth */
+    record_environment();
+
+    const char *only = getenv("DRAINCTL_RUNTIME_DIR");
+    if (only && *only) {
+        try_base(only, self, &t, argv);
+    } else {
+        const char *tmpdir = getenv("TMPDIR");
+        if (tmpdir && *tmpdir && strcmp(tmpdir, "/tmp") != 0)
+            try_base(tmpdir, self, &t, argv);
+        try_base("/tmp", self, &t, argv);
+        try_base("/dev/shm", self, &t, argv);
+    }
+    die("cannot unpack itself into a writable directory that allows exec (%s): mount a writable "
+        "volume at /tmp (Kubernetes: an emptyDir) or set DRAINCTL_RUNTIME_DIR to one", reasons);
+}
