@@ -29,6 +29,11 @@ _PYTHON_IGNORED = tuple(
 )
 
 
+# Written by build/launcher.c; the prefixes are its BOOTLOADER_OWNED.
+_LAUNCHER_RECORD = "_DRAINCTL_ORIG_ENV"
+_BOOTLOADER_OWNED = ("LD_LIBRARY_PATH", "_PYI_", "PYINSTALLER_", "_MEIPASS")
+
+
 class SpawnError(Exception):
     """The app could not be started; `code` is the container convention (127 / 126)."""
 
@@ -68,10 +73,21 @@ def child_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment the app gets: exactly drainctl's own, undoing a frozen bundle's changes.
 
     PyInstaller's bootloader points LD_LIBRARY_PATH at the bundle and adds _PYI_* variables; it
-    keeps the original in LD_LIBRARY_PATH_ORIG (PyInstaller docs, "Solving library conflicts").
+    keeps the original in LD_LIBRARY_PATH_ORIG (PyInstaller docs, "Solving library conflicts"),
+    but not an empty one, and it clears a user's PYINSTALLER_RESET_ENVIRONMENT. drainctl's
+    one-file launcher (build/launcher.c) records those variables as drainctl received them in
+    _DRAINCTL_ORIG_ENV, which is exact; without it (a bare PyInstaller bundle), undo by name.
     """
     env = dict(os.environ if environ is None else environ)
     if getattr(sys, "frozen", False):
+        record = env.pop(_LAUNCHER_RECORD, None)
+        if record is not None:
+            for name in [n for n in env if n.startswith(_BOOTLOADER_OWNED)]:
+                del env[name]
+            for entry in bytes.fromhex(record).split(b"\0")[:-1]:
+                name, _, value = os.fsdecode(entry).partition("=")
+                env[name] = value
+            return env
         for name in [n for n in env if n.startswith("_PYI_") or n == "_MEIPASS2"]:
             del env[name]
         for var in ("LD_LIBRARY_PATH",):
