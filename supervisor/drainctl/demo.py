@@ -324,8 +324,10 @@ class _Clients:
             interval = 0.05 + 0.05 * i / max(1, n - 1)  # 50-100 ms: clients not in lockstep
             self._add(f"ka-{i + 1}", "keep-alive", "/", interval, KEEPALIVE_TIMEOUT, 0.0)
         for i in range(options.slow_clients):
-            # Staggered starts, so that some slow request is always in flight.
-            start = SLOW_SECONDS * i / max(1, options.slow_clients)
+            # Staggered starts, so that their requests are not in lockstep; all before the pod
+            # is Terminating, so that they all begin on pod-1.
+            span = min(SLOW_SECONDS, 0.8 * TERMINATING_AT)
+            start = span * i / max(1, options.slow_clients)
             self._add(f"slow-{i + 1}", "slow", f"/slow?s={SLOW_SECONDS:g}", 0.0, SLOW_TIMEOUT,
                       start)
 
@@ -453,7 +455,8 @@ def _naive(procs: _Processes, options: DemoOptions, other: tuple[str, int]) -> S
         note("kubelet: pod-1 Terminating, endpoints removed: new connections go to pod-2")
         note(f"preStop hook: sleep {options.delay:g}s")
         clock.sleep_until(TERMINATING_AT + options.delay)
-        note(f"preStop hook: GET {DOWN_PATH} -> {_call(port)}")
+        called_at = round(clock.now(), 2)  # the line goes where the call began, like curl's
+        scenario.timeline.append((called_at, f"preStop hook: GET {DOWN_PATH} -> {_call(port)}"))
         note(f"kubelet: preStop returned: SIGTERM to the app ({SHUTDOWN_GRACE:g}s for "
              "requests in flight)")
         proc.signal(signal.SIGTERM)
