@@ -43,8 +43,11 @@ HERE = Path(__file__).resolve().parent
 STANDIN = HERE / "standin.py"
 APP_SECONDS = "30"  # the sleeping app of the steady-state phase
 RUN_TIMEOUT = 15.0  # one start-up run longer than this is killed and reported
-WATCHED = ("typer", "click", "pydantic", "rich", "psutil", "httpx", "httpcore", "certifi",
-           "ctypes", "selectors", "threading")
+# Third-party packages `run` must not import (issue 2), and stdlib modules that cost several ms
+# and hundreds of KiB each: the report says which drainctl module first pulls each one in.
+THIRD_PARTY = ("typer", "click", "pydantic", "rich", "psutil", "httpx", "httpcore", "certifi")
+HEAVY_STDLIB = ("dataclasses", "inspect", "typing", "ctypes", "socket", "urllib.parse",
+                "ipaddress", "json", "re", "selectors", "queue", "threading")
 MIB = 1024 * 1024
 
 
@@ -267,10 +270,11 @@ def p90(values: Sequence[float]) -> float:
 @dataclass(slots=True)
 class Imports:
     self_us: dict[str, int]  # module -> its own import time
-    cumulative_us: dict[str, int]
+    cumulative_us: dict[str, int]  # module -> with what it imported
+    via: dict[str, str]  # module -> the innermost drainctl module whose import pulled it in
 
 
-_IMPORT_LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \| *(\S+)\s*$")
+_IMPORT_LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)\s*$")
 
 
 def import_profile(argv: Sequence[str], env: dict[str, str]) -> Imports | None:
@@ -280,15 +284,23 @@ def import_profile(argv: Sequence[str], env: dict[str, str]) -> Imports | None:
                               stderr=subprocess.PIPE, timeout=RUN_TIMEOUT, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    own: dict[str, int] = {}
-    cumulative: dict[str, int] = {}
+    imports = Imports({}, {}, {})
+    entries: list[tuple[int, str]] = []  # (depth, module) in the order printed: children first
     for line in done.stderr.decode(errors="replace").splitlines():
         match = _IMPORT_LINE.match(line)
         if match:
-            name = match.group(3)
-            own[name] = int(match.group(1))
-            cumulative[name] = int(match.group(2))
-    return Imports(own, cumulative) if own else None
+            name = match.group(4)
+            imports.self_us[name] = int(match.group(1))
+            imports.cumulative_us[name] = int(match.group(2))
+            entries.append((len(match.group(3)), name))
+    for i, (depth, name) in enumerate(entries):
+        for parent_depth, parent in entries[i + 1 :]:  # the enclosing imports, innermost first
+            if parent_depth < depth:
+                depth = parent_depth
+                if parent.startswith("drainctl"):
+                    imports.via[name] = parent
+                    break
+    return imports if entries else None
 
 
 def report_imports(setup: Setup) -> list[str]:
@@ -316,12 +328,22 @@ def report_imports(setup: Setup) -> list[str]:
                     key=lambda item: -item[1])
     lines.append("  top stdlib/other (self ms): "
                  + ", ".join(f"{m} {us / 1000:.1f}" for m, us in others[:10]))
-    present = [m for m in WATCHED if m in run.self_us]
-    fresh = [m for m in present if m in extra]
-    lines.append("  watched modules in `run`: "
-                 + (", ".join(m + ("" if m in fresh else " (already in -c pass)")
-                              for m in present) or "none")
-                 + f"; not imported: {', '.join(m for m in WATCHED if m not in present)}")
+
+    def listed(modules: Sequence[str]) -> str:
+        shown = []
+        for m in modules:
+            if m not in extra:
+                shown.append(f"{m} (in -c pass too)")
+            else:
+                via = run.via.get(m, "?").removeprefix("drainctl.")
+                shown.append(f"{m} {run.cumulative_us[m] / 1000:.1f} ms via {via}")
+        return ", ".join(shown) or "none"
+
+    third = [m for m in THIRD_PARTY if m in run.self_us]
+    lines.append(f"  third-party in `run`: {listed(third)}"
+                 + f" (not imported: {', '.join(m for m in THIRD_PARTY if m not in third)})")
+    heavy = [m for m in HEAVY_STDLIB if m in run.self_us]
+    lines.append(f"  costly stdlib in `run` (cumulative): {listed(heavy)}")
     return lines
 
 
