@@ -322,7 +322,7 @@ def main() -> int:
                     f"{','.join(map(str, sorted(each.counts))):>6}"
                     + ("" if exact else "  MISMATCH")
                 )
-            lp_ms = time_listening_ports(args.repeat)
+            lp_ms = time_listening_ports(min(3, args.repeat))
             psutil_ms = time_psutil_tree()
             print(
                 f"{size:>6}  {'listening_ports':<15} {lp_ms:>9.1f} {lp_ms / ss_median:>6.2f}"
