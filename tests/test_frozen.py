@@ -1,0 +1,229 @@
+"""The frozen binary (dist/drainctl, or $DRAINCTL_BIN): one file, PID 1, the app's environment.
+
+What only the frozen binary can get wrong: the launcher (build/launcher.c) that unpacks the
+bundle once per container and execs it, PyInstaller's bootloader changing the environment, a
+bootloader process standing between PID 1 and drainctl. Everything else is the same code as the
+source: the integration tests run against the binary with DRAINCTL_BIN=dist/drainctl.
+Skipped when there is no binary; in CI (CI set) a missing binary fails instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import IS_ROOT, Processes, inner_pid, needs_unshare, wait_for
+from tests.frozen import frozen_binary
+
+EXIT_LAUNCHER = 125
+TRAILER = struct.Struct("<32s64s32sQQ8s")  # build/launcher.c's struct trailer
+
+
+@pytest.fixture
+def binary() -> Path:
+    return frozen_binary()
+
+
+@pytest.fixture
+def runtime_dir(tmp_path: Path) -> Iterator[Path]:
+    """A fresh DRAINCTL_RUNTIME_DIR, so the test sees an unpack of its own."""
+    path = tmp_path / "runtime"
+    path.mkdir(mode=0o700)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def run(binary: Path, *args: str, env: dict[str, str] | None = None,
+        timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=timeout,
+                          env=os.environ.copy() if env is None else env,
+                          stdin=subprocess.DEVNULL)
+
+
+# ---- one file ------------------------------------------------------------------------------------
+
+
+def test_one_file_whose_launcher_needs_no_libc(binary: Path) -> None:
+    data = binary.read_bytes()
+    assert data[:4] == b"\x7fELF"
+    # The launcher is static: no PT_INTERP, so it starts in an image with no libc at all.
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    types = [struct.unpack_from("<I", data, phoff + i * phentsize)[0] for i in range(phnum)]
+    assert 3 not in types, "the launcher has an ELF interpreter (not static)"
+    bundle_id, interp, program, offset, size, magic = TRAILER.unpack_from(
+        data, len(data) - TRAILER.size)
+    assert magic == b"DRNCTL\x01\x00"
+    assert len(bundle_id) == 32 and program.rstrip(b"\0") == b"drainctl"
+    assert offset + size + TRAILER.size == len(data)
+    assert interp.rstrip(b"\0").startswith(b"_internal/ld-linux")
+
+
+def test_behaves_like_the_source(binary: Path) -> None:
+    source = [sys.executable, "-m", "drainctl"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRAINCTL_")}
+    env["COLUMNS"] = "100"  # help is wrapped to the terminal: the same width for both
+    top = run(binary, "--help", env=env)
+    commands = [line.split()[0] for line in top.stdout.splitlines()
+                if line.startswith("  ") and line.strip() and not line.strip().startswith("-")]
+    cases: list[list[str]] = [["--version"], ["--help"], ["frobnicate"], ["run"],
+                              ["run", "--delay", "5 parsecs", "--", "true"]]
+    cases += [[name, "--help"] for name in commands if name.isidentifier()]
+    for args in cases:
+        frozen = run(binary, *args, env=env)
+        python = subprocess.run([*source, *args], capture_output=True, text=True, timeout=30,
+                                env=env, stdin=subprocess.DEVNULL)
+        assert (frozen.returncode, frozen.stdout, frozen.stderr) == (
+            python.returncode, python.stdout, python.stderr), args
+
+
+# ---- the app's environment -----------------------------------------------------------------------
+
+ENVIRONMENTS = {
+    "plain": {},
+    "ld-library-path": {"LD_LIBRARY_PATH": "/opt/app/lib:/usr/local/lib"},
+    "empty-ld-library-path": {"LD_LIBRARY_PATH": ""},
+    "users-own-orig": {"LD_LIBRARY_PATH_ORIG": "/mine"},
+    "pyinstaller-names": {"_PYI_APPLICATION_HOME_DIR": "/x", "PYINSTALLER_RESET_ENVIRONMENT": "1"},
+    "odd-values": {"MULTI": "line one\nline two", "EQUALS": "a=b=c", "UNICODE": "d\u00e9j\u00e0"},
+}
+
+
+@pytest.mark.parametrize("extra", ENVIRONMENTS.values(), ids=ENVIRONMENTS.keys())
+def test_the_app_gets_exactly_drainctls_environment(binary: Path, extra: dict[str, str]) -> None:
+    given = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nowhere",
+             "DRAINCTL_LOG_FORMAT": "json", **extra}
+    result = run(binary, "run", "--delay", "0", "--", "/usr/bin/env", "-0", env=given)
+    assert result.returncode == 0, result.stderr
+    seen = dict(entry.partition("=")[::2] for entry in result.stdout.split("\0") if entry)
+    assert seen == given
+
+
+# ---- PID 1 ---------------------------------------------------------------------------------------
+
+ORPHANS = """
+import os, sys, time
+print("ppid", os.getppid(), flush=True)
+for i in range(20):
+    if os.fork() == 0:
+        if os.fork() == 0:
+            time.sleep(0.3)
+            os._exit(0)
+        os._exit(0)
+    os.waitpid(-1, 0)
+print("forked", flush=True)
+time.sleep(60)
+"""
+
+
+def zombies(pid: int) -> list[int]:
+    return [c.pid for c in psutil.Process(pid).children() if c.status() == psutil.STATUS_ZOMBIE]
+
+
+@needs_unshare
+def test_drainctl_itself_is_pid_1_and_reaps_every_orphan(binary: Path, procs: Processes) -> None:
+    proc = procs.start(["unshare", "--pid", "--fork", "--mount-proc", str(binary), "run",
+                        "--delay", "0", "--", sys.executable, "-c", ORPHANS])
+    proc.wait_output("forked")
+    pid1 = inner_pid(proc)
+    # No bootloader in between: the app's parent is PID 1, and PID 1 is drainctl's Python.
+    assert "ppid 1\n" in proc.stdout()
+    status = Path(f"/proc/{pid1}/status").read_text()
+    assert [line.split()[-1] for line in status.splitlines() if line.startswith("NSpid")] == ["1"]
+    assert psutil.Process(pid1).name() == "drainctl"
+    wait_for(lambda: len(psutil.Process(pid1).children()) == 1, timeout=10)
+    assert zombies(pid1) == []
+
+    # An orphan from outside the app's tree, as `kubectl exec` leaves them: it is re-parented to
+    # PID 1 itself (PyInstaller's onefile bootloader, as PID 1, leaves these as zombies).
+    leaver = "import os, time\nif os.fork() == 0:\n    time.sleep(0.5)\n    os._exit(0)\n"
+    subprocess.run(["nsenter", "--target", str(pid1), "--pid", "--mount", "--",
+                    sys.executable, "-c", leaver], check=True, timeout=10)
+    wait_for(lambda: len(psutil.Process(pid1).children()) == 2, timeout=5)
+    wait_for(lambda: len(psutil.Process(pid1).children()) == 1, timeout=10)
+    assert zombies(pid1) == []
+
+    os.kill(pid1, signal.SIGTERM)
+    assert proc.wait(15) == 128 + signal.SIGTERM
+
+
+# ---- unpacking -----------------------------------------------------------------------------------
+
+
+def bundles(runtime_dir: Path) -> list[Path]:
+    return sorted((runtime_dir / f"drainctl-{os.geteuid()}").iterdir())
+
+
+def test_unpacks_once_and_concurrent_starts_share_one_copy(binary: Path,
+                                                           runtime_dir: Path) -> None:
+    env = dict(os.environ, DRAINCTL_RUNTIME_DIR=str(runtime_dir))
+    starts = [subprocess.Popen([str(binary), "--version"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    for popen in starts:
+        out, err = popen.communicate(timeout=60)
+        assert popen.returncode == 0 and out.startswith("drainctl "), err
+    unpacked = bundles(runtime_dir)
+    assert len(unpacked) == 1 and not unpacked[0].name.startswith("."), unpacked
+    top = runtime_dir / f"drainctl-{os.geteuid()}"
+    assert top.stat().st_mode & 0o777 == 0o700
+    before = unpacked[0].stat()
+    started = time.monotonic()
+    assert run(binary, "--version", env=env).returncode == 0
+    assert time.monotonic() - started < 10
+    assert bundles(runtime_dir) == unpacked
+    assert unpacked[0].stat().st_ino == before.st_ino  # reused, not unpacked again
+
+
+def test_unwritable_runtime_dir_is_one_line(binary: Path) -> None:
+    env = dict(os.environ, DRAINCTL_RUNTIME_DIR="/proc")
+    result = run(binary, "run", "--", "true", env=env)
+    assert result.returncode == EXIT_LAUNCHER
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("drainctl: ") and "/proc" in lines[0]
+    assert "emptyDir" in lines[0] and "DRAINCTL_RUNTIME_DIR" in lines[0]
+
+
+def test_a_runtime_dir_others_can_write_is_refused(binary: Path, runtime_dir: Path) -> None:
+    # Whoever can write there could put code into PID 1.
+    top = runtime_dir / f"drainctl-{os.geteuid()}"
+    top.mkdir()
+    top.chmod(0o777)
+    env = dict(os.environ, DRAINCTL_RUNTIME_DIR=str(runtime_dir))
+    result = run(binary, "--version", env=env)
+    assert result.returncode == EXIT_LAUNCHER
+    assert len(result.stderr.splitlines()) == 1 and "0700" in result.stderr
+    assert list(top.iterdir()) == []
+
+
+@pytest.mark.skipif(not (IS_ROOT and shutil.which("unshare")), reason="needs root and unshare(1)")
+def test_noexec_runtime_dir_is_refused_and_the_next_one_used(binary: Path, tmp_path: Path) -> None:
+    noexec = tmp_path / "noexec"
+    noexec.mkdir()
+    # A tmpfs mounted noexec, as /dev/shm is in most container runtimes; TMPDIR comes first.
+    script = ("import os, subprocess, sys\n"
+              "subprocess.run(['mount', '-t', 'tmpfs', '-o', 'noexec', 'tmpfs', sys.argv[1]],"
+              " check=True)\n"
+              "os.execv(sys.argv[2], sys.argv[2:])\n")
+    env = {k: v for k, v in os.environ.items() if k != "DRAINCTL_RUNTIME_DIR"}
+    only = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", script,
+         str(noexec), str(binary), "--version"],
+        env=dict(env, DRAINCTL_RUNTIME_DIR=str(noexec)), capture_output=True, text=True,
+        timeout=60)
+    assert only.returncode == EXIT_LAUNCHER and "mounted noexec" in only.stderr
+    fallback = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", script,
+         str(noexec), str(binary), "--version"],
+        env=dict(env, TMPDIR=str(noexec)), capture_output=True, text=True, timeout=60)
+    assert fallback.returncode == 0 and fallback.stdout.startswith("drainctl "), fallback.stderr
