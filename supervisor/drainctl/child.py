@@ -16,8 +16,10 @@ import errno
 import os
 import signal
 import sys
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+
+TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (see drain.py)
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping, Sequence
 
 __all__ = ["Child", "SpawnError", "child_environ", "spawn"]
 
@@ -42,11 +44,13 @@ class SpawnError(Exception):
         self.code = code
 
 
-@dataclass(slots=True)
 class Child:
-    pid: int
-    pgid: int
-    argv: tuple[str, ...]
+    __slots__ = ("argv", "pgid", "pid")
+
+    def __init__(self, pid: int, pgid: int, argv: tuple[str, ...]) -> None:
+        self.pid = pid
+        self.pgid = pgid
+        self.argv = argv
 
     def signal(self, signo: int, group: bool = True) -> bool:
         """Send to the process group (default) or the process; False if nothing is left."""

@@ -15,20 +15,26 @@ event for it.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from drainctl.config import Config
-
+# `run` imports this module: no typing or dataclasses at run time (~30 ms and ~3 MiB of PID 1's
+# start-up and memory, benchmarks/bench_startup.py). mypy treats TYPE_CHECKING as true.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any, Protocol, TypeVar
+
+    from drainctl.config import Config
     from drainctl.connections import Counts
     from drainctl.downcall import DownResult, ProbeResult
     from drainctl.events import Events
 
-__all__ = ["Drain", "InlineRunner", "Outcome", "Phase", "Runner", "Seams"]
+    T = TypeVar("T")
 
-T = TypeVar("T")
+    class Runner(Protocol):
+        def submit(self, work: Callable[[], T], done: Callable[[T | Exception], None]) -> None:
+            ...
+
+__all__ = ["Drain", "InlineRunner", "Outcome", "Phase", "Seams"]
 
 
 class Phase(enum.Enum):
@@ -55,10 +61,6 @@ _ALLOWED: dict[Phase, frozenset[Phase]] = {
 }
 
 
-class Runner(Protocol):
-    def submit(self, work: Callable[[], T], done: Callable[[T | Exception], None]) -> None: ...
-
-
 class InlineRunner:
     """Runs work at once in the caller: for unit tests and for callers with nothing to overlap."""
 
@@ -70,50 +72,71 @@ class InlineRunner:
         done(result)
 
 
-@dataclass(slots=True)
 class Seams:
     """What the drain does to the world, passed in (STYLE: seams, not monkeypatching)."""
 
-    clock: Callable[[], float]
-    runner: Runner
-    count: Callable[[Sequence[int], float | None], Counts]
-    lookup_ports: Callable[[], list[int]]  # the app tree's listening ports (auto mode)
-    call_down: Callable[[float], DownResult] | None = None  # arg: absolute deadline on clock
-    probe: Callable[[], ProbeResult] | None = None
-    stop: Callable[[], None] | None = None  # sends the stop signal; None: standalone prestop
-    kill: Callable[[], int] | None = None  # sends SIGKILL; returns the pid it went to
-    prepare: Callable[[], object] | None = None  # warm-up at the trigger (imports), off the loop
+    __slots__ = ("call_down", "clock", "count", "kill", "lookup_ports", "prepare", "probe",
+                 "runner", "stop")
+
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        runner: Runner,
+        count: Callable[[Sequence[int], float | None], Counts],
+        lookup_ports: Callable[[], list[int]],  # the app tree's listening ports (auto mode)
+        call_down: Callable[[float], DownResult] | None = None,  # arg: deadline on clock
+        probe: Callable[[], ProbeResult] | None = None,
+        stop: Callable[[], None] | None = None,  # sends the stop signal; None: standalone
+        kill: Callable[[], int] | None = None,  # sends SIGKILL; returns the pid it went to
+        prepare: Callable[[], object] | None = None,  # warm-up at the trigger, off the loop
+    ) -> None:
+        self.clock = clock
+        self.runner = runner
+        self.count = count
+        self.lookup_ports = lookup_ports
+        self.call_down = call_down
+        self.probe = probe
+        self.stop = stop
+        self.kill = kill
+        self.prepare = prepare
 
 
-@dataclass(slots=True)
 class Outcome:
-    reason: str  # drained, timeout, child-exited, forced, no-ports
-    count: int | None
-    elapsed_s: float
+    __slots__ = ("count", "elapsed_s", "reason")
+
+    def __init__(self, reason: str, count: int | None, elapsed_s: float) -> None:
+        self.reason = reason  # drained, timeout, child-exited, forced, no-ports
+        self.count = count
+        self.elapsed_s = elapsed_s
+
+    def __repr__(self) -> str:
+        return f"Outcome({self.reason!r}, {self.count!r}, {self.elapsed_s!r})"
 
 
-@dataclass(slots=True)
 class _Wait:
     """State of the connection wait."""
 
-    ports: list[int] | None = None  # None: not looked up yet
-    lookups: int = 0
-    lookup_pending: bool = False
-    count_pending: bool = False
-    next_count_at: float = 0.0
-    last: Counts | None = None
-    zero_since: float | None = None
-    last_event_at: float | None = None
-    last_event_key: tuple[int, ...] | None = None
-    errors: int = 0
+    def __init__(self, ports: list[int] | None) -> None:
+        self.ports = ports  # None: not looked up yet
+        self.lookups = 0
+        self.lookup_pending = False
+        self.count_pending = False
+        self.next_count_at = 0.0
+        self.last: Counts | None = None
+        self.zero_since: float | None = None
+        self.last_event_at: float | None = None
+        self.last_event_key: tuple[int, ...] | None = None
+        self.errors = 0
 
 
-@dataclass(slots=True)
 class _Record:
-    trigger: str | None = None
-    phases: list[tuple[str, float]] = field(default_factory=list)  # (phase, offset from t0)
-    down: dict[str, Any] | None = None
-    probe_warning: str | None = None
+    """What happened, for the termination message and `status`."""
+
+    def __init__(self) -> None:
+        self.trigger: str | None = None
+        self.phases: list[tuple[str, float]] = []  # (phase, offset from t0)
+        self.down: dict[str, Any] | None = None
+        self.probe_warning: str | None = None
 
 
 class Drain:
@@ -131,8 +154,6 @@ class Drain:
         self._kill_at: float | None = None
         self._wait_deadline: float | None = None
         self._down_result: DownResult | Exception | None = None
-        self._down_pending = False
-        self._probe_pending = False
         self._sigterm_seen = False
 
     # ---- inputs -------------------------------------------------------------------------------
@@ -258,13 +279,11 @@ class Drain:
         if self.phase is Phase.DOWN:
             assert self.seams.call_down is not None and self._stop_at is not None
             call, deadline = self.seams.call_down, self._stop_at
-            self._down_pending = True
             self.seams.runner.submit(lambda: call(deadline), self._down_done)
         elif self.phase is Phase.WAITING:
             self._start_wait()
 
     def _down_done(self, result: DownResult | Exception) -> None:
-        self._down_pending = False
         self._down_result = result
 
     def _tick_down(self, now: float) -> None:
@@ -291,12 +310,10 @@ class Drain:
             and self.seams.probe is not None
             and self.config.probe_path is not None
         ):
-            self._probe_pending = True
             self.seams.runner.submit(self.seams.probe, self._probe_done)
         self._start_wait()
 
     def _probe_done(self, result: ProbeResult | Exception) -> None:
-        self._probe_pending = False
         if isinstance(result, Exception):
             return
         message = result.warning()
