@@ -78,8 +78,9 @@ def test_ctrl_c_kills_every_process_the_demo_started(procs: Processes) -> None:
         try:
             children = psutil.Process(proc.pid).children(recursive=True)
             seen.update(c.pid for c in children)
-            # scenario B: drainctl run, with the app below it
-            return any("run" in c.cmdline() and c.children() for c in children)
+            # scenario B: drainctl run, with the app below it, both in this one snapshot
+            runs = {c.pid for c in children if "run" in c.cmdline()}
+            return any(c.ppid() in runs for c in children)
         except psutil.Error:
             return False
 
