@@ -38,11 +38,12 @@ PYINSTALLER = "pyinstaller==6.22.3"
 PROGRAM = "drainctl"
 MAGIC = b"DRNCTL\x01\x00"
 TRAILER = struct.Struct("<32s64s32sQQ8s")  # launcher.c's struct trailer
-# glibc's own libraries (and gcc's unwinder): PyInstaller leaves them out (it expects the target's glibc); we bring
-# them, since a scratch image has none and UBI 8 / Ubuntu 20.04 have older ones.
-GLIBC_PREFIXES = ("ld-linux", "libc.so", "libm.so", "libgcc_s.so", "libpthread.so", "libdl.so", "librt.so",
-                  "libutil.so", "libresolv.so", "libnss_files.so", "libnss_dns.so", "libanl.so",
-                  "libmvec.so")
+# glibc's own libraries (and gcc's unwinder): PyInstaller leaves them out (it expects the
+# target's glibc); we bring them, since a scratch image has none and UBI 8 / Ubuntu 20.04 have
+# older ones.
+GLIBC_PREFIXES = ("ld-linux", "libc.so", "libm.so", "libgcc_s.so", "libpthread.so", "libdl.so",
+                  "librt.so", "libutil.so", "libresolv.so", "libnss_files.so", "libnss_dns.so",
+                  "libanl.so", "libmvec.so")
 # Looked up at run time with dlopen, so no DT_NEEDED names them: NSS for getaddrinfo/getpwuid,
 # and libgcc_s, which glibc loads to unwind a thread in pthread_exit (without it, a Python
 # thread ending aborts the process: "libgcc_s.so.1 must be installed for pthread_exit to work").
