@@ -137,7 +137,9 @@ def test_clients_leave_then_the_app_is_stopped(procs: Processes) -> None:
     assert stopped_at is not None
     last_close = max(c.closed_at or 0 for c in [*fast, *slow])
     assert stopped_at >= last_close, "the app got the stop signal only after every client left"
-    names = [n for n in proc.event_names() if n not in ("connections",)]
+    # (a `warning` can come first when another test's supervisor holds this mount namespace's
+    # default control socket: tests run many supervisors side by side, a pod runs one)
+    names = [n for n in proc.event_names() if n not in ("connections", "warning")]
     assert names == ["child.started", "signal.received", "drain.started", "delay.finished",
                      "down.called", "drain.finished", "signal.forwarded", "child.exited", "exit"]
     finished = proc.wait_event("drain.finished")
