@@ -1,0 +1,99 @@
+"""Fixtures of the e2e suite: what it needs (root, HAProxy, iproute2, util-linux, a JDK), the
+per-test cluster that is always torn down, and the figures every scenario reports.
+
+A missing requirement skips with one line, except under CI (`CI` set): there a skip would hide
+that the suite did not run, so it fails instead (.ci/run installs HAProxy and the JDK).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import IS_ROOT, Processes
+from tests.e2e.harness import Cluster, compile_java
+
+FIGURES: list[dict[str, Any]] = []
+_figures_file: list[Path] = []
+
+
+def _not_available(need_java: bool) -> str | None:
+    if not IS_ROOT:
+        return "needs root (network and PID namespaces)"
+    for tool, package in (("ip", "iproute2"), ("unshare", "util-linux"),
+                          ("nsenter", "util-linux"), ("haproxy", "haproxy")):
+        if not shutil.which(tool):
+            return f"needs {tool} (apt-get install {package})"
+    if need_java and not (shutil.which("java") and shutil.which("javac")):
+        return "needs a JDK (apt-get install default-jdk-headless)"
+    return None
+
+
+def require(need_java: bool = False) -> None:
+    reason = _not_available(need_java)
+    if reason is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI: e2e {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    require()
+    built = Cluster(Processes(tmp_path))
+    try:
+        yield built
+    finally:
+        built.close()
+
+
+@pytest.fixture(scope="session")
+def java_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require(need_java=True)
+    return compile_java(tmp_path_factory.mktemp("e2e-java"))
+
+
+@pytest.fixture(scope="session")
+def figures_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = Path(os.environ.get("E2E_FIGURES") or tmp_path_factory.getbasetemp() / "e2e.json")
+    _figures_file.append(path)
+    return path
+
+
+@pytest.fixture
+def record_figures(figures_file: Path) -> Callable[[dict[str, Any]], None]:
+    def record(figures: dict[str, Any]) -> None:
+        FIGURES.append(figures)
+        figures_file.write_text(json.dumps(FIGURES, indent=2) + "\n")
+        print(json.dumps(figures, indent=2))  # shown with -s, and with -rA for passed tests
+
+    return record
+
+
+def one_line(f: dict[str, Any]) -> str:
+    drain = f.get("drain") or {}
+    return (
+        f"{f['scenario']:<34} failures {f['failures']:>4} / {f['requests']:<5} "
+        f"pod gone {f['pod_gone_s']:>5}s (bound {f['bound_s'] or '-'}) "
+        f"SIGKILL {'yes' if f['sigkill'] else 'no '} "
+        f"gateway down {f['gateway_marked_upstream_down']} "
+        f"drain {drain.get('reason', '-')}"
+        + (f"  {f['failures_by_kind']}" if f["failures"] else "")
+    )
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not FIGURES:
+        return
+    terminalreporter.section("e2e figures (times in seconds from the pod's deletion)")
+    for figures in FIGURES:
+        terminalreporter.line(one_line(figures))
+    if _figures_file:
+        terminalreporter.line(f"JSON: {_figures_file[0]}")
