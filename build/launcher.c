@@ -354,6 +354,10 @@ int main(int argc, char **argv)
 
     unsetenv(RECORD); /* only ever ours: a stale one (inherited from a parent) is not the truth */
     record_environment();
+    /* How we were invoked (e.g. /drainctl): the bundle's runtime hook makes it sys.argv[0] and
+     * drops the variable, so `drainctl check` can print the path the image has. */
+    if (argv[0] && setenv("_DRAINCTL_LAUNCHER", argv[0], 1) < 0)
+        die("cannot record argv[0]: %s", strerror(errno));
 
     const char *only = getenv("DRAINCTL_RUNTIME_DIR");
     if (only && *only) {
