@@ -85,10 +85,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("probe_path", "After a successful down call, one keep-alive request to this path "
            "checks that the app now answers 'Connection: close'.", "/"),
     Option("no_probe", "Skip that check.", None, "flag"),
-    Option("control_socket", "Where `run` listens for `prestop` and `status`.", None,
-           commands=("run", "prestop", "status")),
+    Option("control_socket", "Where `run` listens for `prestop` and `status`: a path, or @NAME "
+           "for an abstract socket. Default: an abstract name unique to the container's mount "
+           "namespace (no file needed; see docs/control.md).", None,
+           commands=("run", "prestop", "status", "check")),
     Option("termination_log", "Where the drain's summary is written, if that file exists and is "
-           "writable; empty: off.", "/dev/termination-log", commands=("run", "prestop")),
+           "writable; empty: off.", "/dev/termination-log",
+           commands=("run", "prestop", "check")),
     Option("log_format", "json, text, or auto (text on a terminal, JSON otherwise).", "auto",
            commands=("run", "prestop", "check", "status", "connections", "demo")),
     Option("single_child", "Signal the direct child only, not its process group.", None, "flag",

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from drainctl import reaper
+from drainctl import control, reaper, termination
 from drainctl.child import Child, spawn
 from drainctl.config import Config
 from drainctl.drain import Drain, Phase, Seams
@@ -129,6 +129,7 @@ class Supervisor:
         self.drain: Drain | None = None
         self._group_signalled_at: float | None = None
         self._group_killed_at: float | None = None
+        self.control: control.Server | None = None
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -150,6 +151,8 @@ class Supervisor:
         seams.stop = self._send_stop
         seams.kill = self._kill_group
         self.drain = Drain(self.config, self.events, seams)
+        # After the spawn: a bind failure is only a warning, and never delays the app.
+        self.control = control.serve_supervisor(self)
         SignalWaiter(lambda signo, sender: self.inbox.put("signal", (signo, sender))).start()
 
     def register(self, fd: int, callback: Callable[[], None]) -> None:
@@ -163,7 +166,15 @@ class Supervisor:
 
     def run(self) -> int:
         self.start()
-        return self.loop()
+        try:
+            code = self.loop()
+            assert self.drain is not None
+            termination.report(self.config.termination_log, self.drain, self.clock(), code,
+                               self.events)
+            return code
+        finally:
+            if self.control is not None:
+                self.control.close()
 
     def loop(self) -> int:
         assert self.drain is not None
@@ -180,6 +191,8 @@ class Supervisor:
                     done(result)
             self._reap()
             self.drain.tick()
+            if self.control is not None:
+                self.control.tick()  # after the drain: a finished drain's result goes out now
             code = self._check_exit()
             if code is not None:
                 return code
@@ -192,6 +205,8 @@ class Supervisor:
             wakeups.append(wake - self.clock())
         if self.main_status is not None:
             wakeups.append(_GROUP_POLL)
+        if self.control is not None and (served := self.control.next_wakeup()) is not None:
+            wakeups.append(served - self.clock())
         return max(0.0, min(wakeups)) if wakeups else None
 
     # ---- signals ------------------------------------------------------------------------------
