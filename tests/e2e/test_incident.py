@@ -1,0 +1,200 @@
+"""Issue 7: the incident, reproduced end to end with real components, then the fix.
+
+Every scenario runs the same cluster (tests/e2e/harness.py: HAProxy gateway -> HAProxy L4 LB ->
+two pods in their own namespaces), puts the same load through the gateway, deletes pod `a` the
+way the kubelet does, and reports its figures: failed requests, time until the pod was gone,
+SIGKILL or not. docs/e2e.md describes the set-up and the figures.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, drainctl_argv, wait_for
+from tests.e2e.harness import (
+    APP_PORT,
+    DOWN_PATH,
+    Cluster,
+    Gateway,
+    Kubelet,
+    LoadBalancer,
+    Pod,
+    figures,
+    java_app,
+    old_hook,
+    prestop_hook,
+    python_app,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.root]
+
+# Short, so that the whole suite stays within a few minutes; the ratios are the incident's.
+LAG = 0.5  # endpoint removal reaches the LB this long after the deletion
+DELAY = 1.5  # drainctl --delay, and the old hook's sleep: longer than LAG, as it must be
+SLOW_S = 2.0  # the slow clients' requests
+SETTLE = 1.0
+GRACE = 15.0  # terminationGracePeriodSeconds
+STOP_TIMEOUT = 5.0
+# The issue's bound on a drain that works: the delay, the longest request, the settle time, and
+# one second for the rest (the hook's return, SIGTERM, the app's exit).
+BOUND = DELAY + SLOW_S + SETTLE + 1.0
+AFTER_FIXED = 1.0  # load kept up after the pod is gone: is pod b serving everything?
+AFTER_INCIDENT = 3.0  # long enough to see the gateway's outage end (rise 2 x inter 1s)
+
+DRAINCTL_ENV = {
+    # The README's manifest: the options as environment variables, which the preStop hook
+    # (exec'd in the container) sees too.
+    "DRAINCTL_DELAY": f"{DELAY}s",
+    "DRAINCTL_DOWN_URL": f"http://127.0.0.1:{APP_PORT}{DOWN_PATH}",
+    "DRAINCTL_SETTLE": f"{SETTLE}s",
+    "DRAINCTL_GRACE_PERIOD": f"{GRACE}s",
+    "DRAINCTL_STOP_TIMEOUT": f"{STOP_TIMEOUT}s",
+    "DRAINCTL_TERMINATION_LOG": "",
+    "DRAINCTL_LOG_FORMAT": "json",
+}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    app: str  # "python" (gunicorn + DrainMiddleware) or "java" (examples/java's DrainFilter)
+    drainctl: bool  # drainctl run is PID 1; otherwise the app itself is
+    hook: str  # "prestop" (drainctl prestop), "old" (sleep, then the down URL), "none"
+    mode: str = "fixed"  # the Python app: "fixed" or "incident"
+
+
+def run(
+    cluster: Cluster, scenario: Scenario, java_classes: Path | None, tmp_path: Path
+) -> dict[str, Any]:
+    pods = []
+    for name in ("a", "b"):
+        net = cluster.network(name)
+        if scenario.app == "java":
+            assert java_classes is not None
+            app_argv, env = java_app(java_classes, name)
+        else:
+            app_argv, env = python_app(scenario.mode, name)
+        # The shared down state in the test's own directory, not in the host's /dev/shm.
+        env["DRAINCTL_DOWN_STATE"] = str(tmp_path / f"down-{name}")
+        argv = app_argv
+        if scenario.drainctl:
+            argv = [*drainctl_argv(), "run", "--", *app_argv]
+            env.update(DRAINCTL_ENV)
+        pod = Pod(cluster.procs, name, net, argv, env)
+        pod.start()
+        pods.append(pod)
+    for pod in pods:
+        pod.wait_ready()
+    lb = LoadBalancer(cluster.procs, "lb", cluster.sockdir)
+    lb.start_for(pods)
+    gateway = Gateway(cluster.procs, "gw", cluster.sockdir)
+    gateway.start_for(lb)
+    wait_for(gateway.upstream_up, timeout=10, interval=0.1)
+
+    load = cluster.load(gateway.port, slow_s=SLOW_S)
+    load.start()
+    # Warm: both pods have answered slow requests, so slow requests are in flight on pod a
+    # when it is deleted, on connections the gateway keeps.
+    wait_for(lambda: {s.pod for s in load.snapshot() if s.kind == "slow"} >= {"a", "b"},
+             timeout=15, interval=0.1)
+
+    hook = {"prestop": prestop_hook(), "old": old_hook(DELAY), "none": None}[scenario.hook]
+    deletion = Kubelet(cluster.procs, lb, lag=LAG, grace=GRACE).delete(pods[0], hook)
+    time.sleep(AFTER_FIXED if scenario.drainctl else AFTER_INCIDENT)
+    load.stop()
+    result = figures(scenario.name, load.snapshot(), deletion, pods[0], gateway,
+                     BOUND if scenario.drainctl else None)
+    result["hook_output"] = deletion.hook_output.strip().splitlines()[-3:]
+    return result
+
+
+def assert_no_failure(f: dict[str, Any]) -> None:
+    assert f["deregistered_s"] is not None, f
+    assert f["failures"] == 0, f
+    assert not f["sigkill"] and not f["drainctl_kill_escalated"], f
+    assert f["drain"] is not None and f["drain"]["reason"] == "drained", f
+    assert f["pod_gone_s"] <= BOUND, f
+    assert f["gateway_marked_upstream_down"] == 0, f
+    assert f["requests"] > 100, f
+
+
+Record = Callable[[dict[str, Any]], None]
+
+
+# ---- before: the incident, and the app fixed alone -----------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_the_incident_as_it_was(cluster: Cluster, tmp_path: Path, record_figures: Record) -> None:
+    """The app answers 503 "halting" after down; the hook sleeps, then calls down."""
+    scenario = Scenario("incident: 503 halting, sleep hook", "python", drainctl=False,
+                        hook="old", mode="incident")
+    f = run(cluster, scenario, None, tmp_path)
+    record_figures(f)
+    assert f["failures"] > 0, "the harness must reproduce the incident"
+    assert f["gateway_marked_upstream_down"] >= 1, f
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("app", ["python", "java"])
+def test_the_app_fixed_with_the_old_hook(
+    cluster: Cluster, tmp_path: Path, record_figures: Record, request: pytest.FixtureRequest,
+    app: str,
+) -> None:
+    """The app closes after down, but SIGTERM comes right after the hook's down call."""
+    classes = request.getfixturevalue("java_classes") if app == "java" else None
+    scenario = Scenario(f"fixed app, sleep hook ({app})", app, drainctl=False, hook="old")
+    f = run(cluster, scenario, classes, tmp_path)
+    record_figures(f)
+    assert f["requests"] > 100, f  # figures only: what the old sequence costs
+
+
+# ---- after: drainctl -----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("app", ["python", "java"])
+@pytest.mark.parametrize("hook", ["prestop", "none"])
+def test_drainctl(
+    cluster: Cluster, tmp_path: Path, record_figures: Record, request: pytest.FixtureRequest,
+    app: str, hook: str,
+) -> None:
+    """drainctl as PID 1, with `drainctl prestop` as the hook or with SIGTERM alone."""
+    classes = request.getfixturevalue("java_classes") if app == "java" else None
+    trigger = "prestop hook" if hook == "prestop" else "SIGTERM, no hook"
+    scenario = Scenario(f"drainctl, {trigger} ({app})", app, drainctl=True, hook=hook)
+    f = run(cluster, scenario, classes, tmp_path)
+    record_figures(f)
+    assert_no_failure(f)
+    if hook == "prestop":
+        assert f["hook_rc"] == 0, f
+
+
+FROZEN = ROOT / "dist" / "drainctl"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("hook", ["prestop", "none"])
+def test_drainctl_frozen(
+    cluster: Cluster, tmp_path: Path, record_figures: Record, monkeypatch: pytest.MonkeyPatch,
+    hook: str,
+) -> None:
+    """The same with the frozen binary (tests.conftest.drainctl_argv() follows DRAINCTL_BIN)."""
+    if os.environ.get("DRAINCTL_BIN"):
+        pytest.skip("DRAINCTL_BIN is set: every scenario above already ran the frozen binary")
+    if not FROZEN.exists():
+        pytest.skip(f"no {FROZEN.relative_to(ROOT)} (the frozen binary is not built)")
+    monkeypatch.setenv("DRAINCTL_BIN", str(FROZEN))
+    trigger = "prestop hook" if hook == "prestop" else "SIGTERM, no hook"
+    scenario = Scenario(f"frozen drainctl, {trigger} (python)", "python", drainctl=True,
+                        hook=hook)
+    f = run(cluster, scenario, None, tmp_path)
+    record_figures(f)
+    assert_no_failure(f)
