@@ -22,6 +22,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             if command:
                 return commands.run(raw, command)
+    elif args[:1] == ["prestop"]:
+        # The hook: its start-up time comes out of the grace period, so no typer either.
+        from drainctl import argv as fast
+        from drainctl import commands
+
+        try:
+            raw, extra = fast.parse("prestop", args[1:])
+        except fast.NotFast:
+            pass
+        else:
+            if not extra:
+                return commands.prestop(raw)
     from drainctl.cli import app_main
 
     return app_main(args)

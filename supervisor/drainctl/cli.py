@@ -138,6 +138,63 @@ def _demo(
                                   delay=delay))
 
 
+def _flag(name: str, flag: str, help_text: str) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                             default=typer.Option(False, flag, help=help_text), annotation=bool)
+
+
+command(
+    "prestop",
+    "The preStop hook: start or join the supervisor's drain and return when it has finished; "
+    "without a supervisor, run the same drain here (never signalling the app). Exit 0 drained "
+    "(or nothing left to wait for), 1 deadline reached with connections left, 2 bad usage.",
+    lambda raw: commands.prestop(raw),
+)
+
+command(
+    "status",
+    "What the running supervisor is doing: state, app pid, uptime, connections, time left. "
+    "Exit 3 when no supervisor answers.",
+    lambda raw, as_json: commands.status(raw, as_json),
+    extra=[_flag("as_json", "--json", "Print one JSON object.")],
+)
+
+command(
+    "connections",
+    "Established TCP connections per local port, counted as the drain counts them (the same "
+    "numbers as `ss`). Without --port: every port something listens on in this network "
+    "namespace.",
+    lambda raw, port, as_json, watch, interval: commands.connections(
+        raw, port, as_json, watch, interval),
+    extra=[
+        inspect.Parameter(
+            "port", inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(None, "--port", help="A local port to count (repeatable, or a "
+                                 "comma list).", show_default=False),
+            annotation=Optional[list[str]],  # noqa: UP045 (typer reads the runtime annotation)
+        ),
+        _flag("as_json", "--json", "Print JSON: {\"ports\": {\"8080\": {\"established\": 3, "
+              "\"close_wait\": 0, \"other\": 1}}, ...}; with --watch, one object per line."),
+        _flag("watch", "--watch", "Count again every --interval until interrupted."),
+        inspect.Parameter(
+            "interval", inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option("1s", "--interval", metavar="DURATION",
+                                 help="With --watch: time between counts."),
+            annotation=str,
+        ),
+    ],
+)
+
+command(
+    "check",
+    "Dry run for a manifest: checks the options against the grace budget, shows the ports a "
+    "drain would watch, checks that the down URL's host:port accepts a TCP connection (without "
+    "calling it), prints the preStop hook and terminationGracePeriodSeconds to use. Exit 0 "
+    "workable, 1 it cannot work as given, 2 bad usage.",
+    lambda raw: commands.check(raw),
+)
+
+
 def app_main(args: Sequence[str]) -> int:
     """Run the app; a usage error is one line (`drainctl: ...`) and exit 2, never a traceback."""
     if not args:

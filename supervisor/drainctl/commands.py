@@ -6,14 +6,27 @@ every expected error into one line on stderr and a documented exit code. No type
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Mapping, Sequence
+from typing import Any
 
-from drainctl.config import ConfigError, RawValue, resolve
+from drainctl.config import ConfigError, RawValue, parse_duration, parse_port, resolve
 
-__all__ = ["EXIT_USAGE", "fail", "run"]
+__all__ = [
+    "EXIT_NO_SUPERVISOR",
+    "EXIT_USAGE",
+    "check",
+    "connections",
+    "fail",
+    "prestop",
+    "run",
+    "status",
+]
 
 EXIT_USAGE = 2
+EXIT_NO_SUPERVISOR = 3  # status: no supervisor answers (CONTRACT)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports ^C
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> int:
@@ -41,3 +54,109 @@ def run(raw: Mapping[str, RawValue], command: Sequence[str]) -> int:
         return Supervisor(command, config, events).run()
     except SpawnError as exc:
         return fail(str(exc), exc.code)
+
+
+def prestop(raw: Mapping[str, RawValue]) -> int:
+    from drainctl.events import Events
+    from drainctl.prestop import PrestopError
+    from drainctl.prestop import prestop as drain
+
+    try:
+        config = resolve(raw)
+    except ConfigError as exc:
+        return fail(str(exc))
+    try:
+        return drain(config, Events(config.log_format))
+    except PrestopError as exc:
+        return fail(f"prestop: {exc}", exc.code)
+    except KeyboardInterrupt:
+        return fail("prestop: interrupted", EXIT_INTERRUPTED)
+
+
+def status(raw: Mapping[str, RawValue], as_json: bool = False) -> int:
+    from drainctl import control, report
+
+    try:
+        config = resolve(raw)
+    except ConfigError as exc:
+        return fail(str(exc))
+    address = control.resolve_address(config.control_socket)
+    try:
+        answer = control.request_status(address)
+    except TimeoutError:
+        return fail(f"status: {address}: no answer in time", EXIT_NO_SUPERVISOR)
+    except control.ControlError as exc:
+        return fail(f"status: {exc}", EXIT_NO_SUPERVISOR)
+    fields = {k: v for k, v in answer.items() if k not in ("v", "type")}
+    _print(json.dumps(fields) if as_json else report.status_text(fields))
+    return 0
+
+
+def connections(
+    raw: Mapping[str, RawValue],
+    port: Sequence[str] | None = None,
+    as_json: bool = False,
+    watch: bool = False,
+    interval: str = "1s",
+) -> int:
+    """Count like the drain does; without ports, every listening port of this namespace."""
+    import time
+
+    from drainctl import control, report
+    from drainctl.connections import all_listening_ports, make_counter
+
+    try:
+        resolve(raw)
+        ports = sorted({parse_port(p, "--port") for item in port or () for p in item.split(",")
+                        if p.strip()})
+        pause = parse_duration(interval, "--interval")
+    except ConfigError as exc:
+        return fail(str(exc))
+    if pause <= 0:
+        return fail("--interval: must be greater than 0")
+    counter = make_counter()
+    try:
+        while True:
+            try:
+                counts = counter.count(ports or all_listening_ports())
+            except OSError as exc:
+                return fail(f"connections: cannot count: {exc}", 1)
+            per_port = control.connections_json(counts)
+            if as_json:
+                doc: dict[str, Any] = {"ports": per_port, "established": counts.established,
+                                       "method": counts.method}
+                if watch:
+                    doc["ts"] = round(time.time(), 3)
+                _print(json.dumps(doc))
+            else:
+                _print(report.connections_line(per_port) if watch
+                       else report.connections_table(per_port))
+            if not watch:
+                return 0
+            time.sleep(pause)  # a client command, not the supervisor: a plain sleep is fine
+    except KeyboardInterrupt:
+        return 0  # ^C is how --watch ends
+    except BrokenPipeError:
+        # `| head`: the reader has seen enough. Point stdout at /dev/null so the interpreter's
+        # final flush does not complain about the same pipe.
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
+
+
+def check(raw: Mapping[str, RawValue]) -> int:
+    from drainctl.check import check as dry_run
+
+    try:
+        config = resolve(raw)
+    except ConfigError as exc:
+        return fail(str(exc))
+    return dry_run(config, raw)
+
+
+def _print(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,92 @@
+"""What `drainctl status` and `drainctl connections` print for people (their --json is data)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["connections_line", "connections_table", "status_text"]
+
+
+def status_text(fields: Mapping[str, Any]) -> str:
+    """The status reply (control.status_fields) as a few aligned lines."""
+    state = str(fields.get("state"))
+    phase = fields.get("phase")
+    if state in ("draining", "stopping") and phase:
+        state = f"{state} ({phase})"
+    rows: list[tuple[str, str]] = [("state", state)]
+    if fields.get("mode") == "standalone":
+        rows.append(("mode", "standalone prestop (no supervisor: the app is not ours to stop)"))
+    pid = fields.get("pid")
+    if pid is not None:
+        rows.append(("app pid", str(pid)))
+    rows.append(("uptime", _duration(fields.get("uptime_s"))))
+    if fields.get("trigger"):
+        rows.append(("drain", f"trigger {fields['trigger']}, "
+                              f"{_duration(fields.get('drain_elapsed_s'))} ago"))
+    outcome = fields.get("outcome")
+    if isinstance(outcome, Mapping):
+        count = outcome.get("count")
+        after = _duration(outcome.get("elapsed_s"))
+        rows.append(("result", f"{outcome.get('reason')} after {after}"
+                               + ("" if count is None else f", {count} connections left")))
+    connections = fields.get("connections")
+    if isinstance(connections, Mapping):
+        if connections:
+            per_port = ", ".join(
+                f"{port}: {each.get('established')}" for port, each in connections.items()
+            )
+            rows.append(("connections", f"{fields.get('established')} established ({per_port})"))
+        else:
+            rows.append(("connections", "no ports to count (the app listens on nothing)"))
+    elif fields.get("error"):
+        rows.append(("connections", str(fields["error"])))
+    left = fields.get("time_left_s")
+    if left is not None:
+        rows.append(("time left", f"{_duration(left)} until the stop signal"))
+    width = max(len(name) for name, _ in rows) + 2
+    return "\n".join(f"{name + ':':<{width}}{value}" for name, value in rows)
+
+
+def connections_table(ports: Mapping[str, Mapping[str, int]]) -> str:
+    if not ports:
+        return "no listening TCP ports in this network namespace"
+    header = ("PORT", "ESTABLISHED", "CLOSE_WAIT", "OTHER")
+    rows = [header] + [
+        (port, str(each["established"]), str(each["close_wait"]), str(each["other"]))
+        for port, each in ports.items()
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join(
+        "  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i])
+                  for i, cell in enumerate(row))
+        for row in rows
+    )
+
+
+def connections_line(ports: Mapping[str, Mapping[str, int]], now: float | None = None) -> str:
+    """One line per round of `connections --watch`."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(time.time() if now is None else now))
+    if not ports:
+        return f"{stamp} no listening TCP ports"
+    total = sum(each["established"] for each in ports.values())
+    parts = [
+        f"{port}={each['established']}"
+        + (f" (close_wait {each['close_wait']})" if each["close_wait"] else "")
+        for port, each in ports.items()
+    ]
+    return f"{stamp} established {total}: " + " ".join(parts)
+
+
+def _duration(value: object) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    seconds = float(value)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
