@@ -299,7 +299,7 @@ class Server:
         register(sock.fileno(), self._accept)
         events.subscribe(self._on_event)
         if target.drain.t0 is not None:
-            self._backlog = []  # a standalone prestop opens its server after the trigger
+            self._backlog = []  # opened mid-drain: the story starts here
 
     @classmethod
     def open(
