@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Build dist/drainctl: one executable file, no Python or libc needed in the image.
 
-    python3 build/freeze.py [--out dist/drainctl] [--no-venv] [--keep-onedir]
+    python3 build/freeze.py [--out dist/drainctl] [--no-venv]
+    python3 build/freeze.py --entry benchmarks/standin.py --name standin --out X   (the same way)
+    python3 build/freeze.py --pyinstaller-onefile [--runtime-tmpdir D] --out X  (for comparison)
 
 Steps (docs/frozen-binary.md says why this shape, with the measurements):
   1. a venv in .pyinstaller/venv with only drainctl's dependencies and PyInstaller (a developer's
@@ -35,7 +37,6 @@ ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build"
 WORK = ROOT / ".pyinstaller"
 PYINSTALLER = "pyinstaller==6.22.3"
-PROGRAM = "drainctl"
 MAGIC = b"DRNCTL\x01\x00"
 TRAILER = struct.Struct("<32s64s32sQQ8s")  # launcher.c's struct trailer
 # glibc's own libraries (and gcc's unwinder): PyInstaller leaves them out (it expects the
@@ -87,15 +88,19 @@ def build_python(use_venv: bool) -> Path:
 # ---- 2. PyInstaller ----------------------------------------------------------------------------
 
 
-def pyinstaller(python: Path) -> Path:
-    distpath = WORK / "onedir"
-    env = dict(os.environ, DRAINCTL_FREEZE_ROOT=str(ROOT))
+def pyinstaller(python: Path, args: argparse.Namespace) -> Path:
+    mode = "onefile" if args.pyinstaller_onefile else "onedir"
+    distpath = WORK / mode
+    env = dict(os.environ, DRAINCTL_FREEZE_ROOT=str(ROOT), DRAINCTL_FREEZE_NAME=args.name,
+               DRAINCTL_FREEZE_ENTRY=str(args.entry.resolve()) if args.entry else "",
+               DRAINCTL_FREEZE_ONEFILE="1" if args.pyinstaller_onefile else "",
+               DRAINCTL_FREEZE_RUNTIME_TMPDIR=args.runtime_tmpdir or "")
     # PYTHONPATH would let the host's site-packages back into the analysis.
     env.pop("PYTHONPATH", None)
     run([str(python), "-m", "PyInstaller", "--noconfirm", "--log-level", "WARN",
-         "--workpath", str(WORK / "work"), "--distpath", str(distpath),
+         "--workpath", str(WORK / "work" / f"{args.name}-{mode}"), "--distpath", str(distpath),
          str(BUILD / "drainctl.spec")], env=env, cwd=ROOT)
-    return distpath / PROGRAM
+    return distpath / args.name
 
 
 # ---- 3. glibc ----------------------------------------------------------------------------------
@@ -187,10 +192,10 @@ def compile_launcher() -> Path:
     return out
 
 
-def assemble(launcher: Path, data: bytes, interp: str, out: Path) -> str:
+def assemble(launcher: Path, data: bytes, interp: str, program: str, out: Path) -> str:
     head = launcher.read_bytes()
     bundle_id = hashlib.sha256(data).hexdigest()[:32]
-    trailer = TRAILER.pack(bundle_id.encode(), interp.encode(), PROGRAM.encode(), len(head),
+    trailer = TRAILER.pack(bundle_id.encode(), interp.encode(), program.encode(), len(head),
                            len(data), MAGIC)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
@@ -202,19 +207,30 @@ def assemble(launcher: Path, data: bytes, interp: str, out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "dist" / PROGRAM)
+    parser.add_argument("--out", type=Path, default=ROOT / "dist" / "drainctl")
+    parser.add_argument("--entry", type=Path, help="freeze this script instead of drainctl")
+    parser.add_argument("--name", default="drainctl", help="the bundle's program name")
+    parser.add_argument("--pyinstaller-onefile", action="store_true",
+                        help="PyInstaller's own onefile instead (measurements only: it forks, "
+                        "stays PID 1 without reaping, and unpacks on every start)")
+    parser.add_argument("--runtime-tmpdir", help="with --pyinstaller-onefile: where it unpacks")
     parser.add_argument("--no-venv", action="store_true",
                         help="build with this interpreter's site-packages (bigger bundle)")
     args = parser.parse_args(argv)
     WORK.mkdir(exist_ok=True)
     python = build_python(not args.no_venv)
-    bundle = pyinstaller(python)
+    bundle = pyinstaller(python, args)
+    if args.pyinstaller_onefile:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(bundle, args.out)
+        log(f"{args.out}: {args.out.stat().st_size / 2**20:.1f} MiB (PyInstaller onefile)")
+        return 0
     added = bundle_glibc(bundle)
     log(f"glibc bundled: {', '.join(added)}")
     interp = loader_name(bundle)
     data = payload(bundle)
     launcher = compile_launcher()
-    bundle_id = assemble(launcher, data, interp, args.out)
+    bundle_id = assemble(launcher, data, interp, args.name, args.out)
     size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file() and not p.is_symlink())
     log(f"{args.out}: {args.out.stat().st_size / 2**20:.1f} MiB (launcher "
         f"{launcher.stat().st_size / 2**10:.0f} KiB; unpacks {size / 2**20:.1f} MiB once per "
