@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from drainctl.config import ConfigError, RawValue, parse_duration, parse_port, resolve
+
+TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (see drain.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "EXIT_NO_SUPERVISOR",

@@ -13,7 +13,6 @@ import os
 import re
 import signal
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 __all__ = [
     "OPTIONS",
@@ -34,14 +33,24 @@ class ConfigError(ValueError):
     """A bad option value; its message is the one line the user sees."""
 
 
-@dataclass(frozen=True, slots=True)
 class Option:
-    name: str  # python name; the flag is --name-with-dashes
-    help: str
-    default: str | None = None
-    kind: str = "value"  # "value", "flag" (boolean), "multi" (repeatable)
-    commands: tuple[str, ...] = ("run", "prestop", "check")
-    env: str | None = None  # overrides the derived DRAINCTL_<NAME>
+    __slots__ = ("commands", "default", "env", "help", "kind", "name")
+
+    def __init__(
+        self,
+        name: str,  # python name; the flag is --name-with-dashes
+        help: str,
+        default: str | None = None,
+        kind: str = "value",  # "value", "flag" (boolean), "multi" (repeatable)
+        commands: tuple[str, ...] = ("run", "prestop", "check"),
+        env: str | None = None,  # overrides the derived DRAINCTL_<NAME>
+    ) -> None:
+        self.name = name
+        self.help = help
+        self.default = default
+        self.kind = kind
+        self.commands = commands
+        self.env = env
 
     @property
     def flag(self) -> str:
@@ -154,7 +163,6 @@ def _split_commas(items: Sequence[str]) -> list[str]:
     return [part.strip() for item in items for part in item.split(",") if part.strip()]
 
 
-@dataclass(frozen=True, slots=True)
 class Budget:
     """The grace-period arithmetic. Offsets are seconds after the trigger (time zero).
 
@@ -162,10 +170,15 @@ class Budget:
     settings say, so the app always keeps its stop-timeout before the kubelet's SIGKILL.
     """
 
-    grace_period: float
-    stop_timeout: float
-    delay: float
-    drain_timeout: float | None
+    __slots__ = ("delay", "drain_timeout", "grace_period", "stop_timeout")
+
+    def __init__(
+        self, grace_period: float, stop_timeout: float, delay: float, drain_timeout: float | None
+    ) -> None:
+        self.grace_period = grace_period
+        self.stop_timeout = stop_timeout
+        self.delay = delay
+        self.drain_timeout = drain_timeout
 
     @property
     def stop_deadline(self) -> float:
@@ -212,26 +225,59 @@ def _s(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-@dataclass(frozen=True, slots=True)
 class Config:
-    delay: float = 5.0
-    down_url: str | None = None
-    down_method: str = "GET"
-    down_timeout: float = 5.0
-    ports: tuple[int, ...] = ()  # empty: auto-detect
-    drain_timeout: float | None = None
-    settle: float = 1.0
-    poll_interval: float = 0.1
-    grace_period: float = 30.0
-    stop_signal: signal.Signals = signal.SIGTERM
-    stop_timeout: float = 10.0
-    idle_grace: float | None = None
-    probe_path: str | None = "/"  # None: no probe
-    control_socket: str | None = None
-    termination_log: str | None = "/dev/termination-log"
-    log_format: str = "auto"
-    single_child: bool = False
-    exit_code_map: Mapping[int, int] = field(default_factory=dict)
+    """Validated settings. A plain class, not a dataclass: `run` imports this module, and
+    dataclasses (with inspect, ast, dis) cost PID 1 ~18 ms and 2 MiB (bench_startup.py)."""
+
+    __slots__ = ("control_socket", "delay", "down_method", "down_timeout", "down_url",
+                 "drain_timeout", "exit_code_map", "grace_period", "idle_grace", "log_format",
+                 "poll_interval", "ports", "probe_path", "settle", "single_child",
+                 "stop_signal", "stop_timeout", "termination_log")
+
+    def __init__(
+        self,
+        *,
+        delay: float = 5.0,
+        down_url: str | None = None,
+        down_method: str = "GET",
+        down_timeout: float = 5.0,
+        ports: tuple[int, ...] = (),  # empty: auto-detect
+        drain_timeout: float | None = None,
+        settle: float = 1.0,
+        poll_interval: float = 0.1,
+        grace_period: float = 30.0,
+        stop_signal: signal.Signals = signal.SIGTERM,
+        stop_timeout: float = 10.0,
+        idle_grace: float | None = None,
+        probe_path: str | None = "/",  # None: no probe
+        control_socket: str | None = None,
+        termination_log: str | None = "/dev/termination-log",
+        log_format: str = "auto",
+        single_child: bool = False,
+        exit_code_map: Mapping[int, int] | None = None,
+    ) -> None:
+        self.delay = delay
+        self.down_url = down_url
+        self.down_method = down_method
+        self.down_timeout = down_timeout
+        self.ports = ports
+        self.drain_timeout = drain_timeout
+        self.settle = settle
+        self.poll_interval = poll_interval
+        self.grace_period = grace_period
+        self.stop_signal = stop_signal
+        self.stop_timeout = stop_timeout
+        self.idle_grace = idle_grace
+        self.probe_path = probe_path
+        self.control_socket = control_socket
+        self.termination_log = termination_log
+        self.log_format = log_format
+        self.single_child = single_child
+        self.exit_code_map: Mapping[int, int] = dict(exit_code_map or {})
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"Config({fields})"
 
     @property
     def budget(self) -> Budget:

@@ -58,11 +58,12 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False  # no typing or dataclasses at run time: PID 1's start-up (see drain.py)
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from typing import Any
+
     from drainctl.config import Config
     from drainctl.connections import Counts
     from drainctl.drain import Drain, Runner
@@ -144,11 +145,16 @@ def _peer(sock: socket.socket) -> Peer:
     return Peer(pid, uid, gid)
 
 
-@dataclass(frozen=True, slots=True)
 class Peer:
-    pid: int
-    uid: int
-    gid: int
+    __slots__ = ("gid", "pid", "uid")
+
+    def __init__(self, pid: int, uid: int, gid: int) -> None:
+        self.pid = pid
+        self.uid = uid
+        self.gid = gid
+
+    def __repr__(self) -> str:
+        return f"Peer(pid={self.pid}, uid={self.uid}, gid={self.gid})"
 
 
 def _encode(message: dict[str, Any]) -> bytes:
@@ -163,19 +169,34 @@ def exit_code(reason: str) -> int:
 # ---- what the server serves ---------------------------------------------------------------------
 
 
-@dataclass(slots=True)
 class Target:
     """One drain and what surrounds it: a supervisor's, or a standalone prestop's."""
 
-    drain: Drain
-    config: Config
-    runner: Runner  # for the status count, off the loop
-    clock: Callable[[], float]
-    started_at: float
-    mode: str  # "supervisor" or "standalone"
-    state: Callable[[], str]
-    app_pid: Callable[[], int | None]
-    app_gone: Callable[[], bool]
+    __slots__ = ("app_gone", "app_pid", "clock", "config", "drain", "mode", "runner",
+                 "started_at", "state")
+
+    def __init__(
+        self,
+        *,
+        drain: Drain,
+        config: Config,
+        runner: Runner,  # for the status count, off the loop
+        clock: Callable[[], float],
+        started_at: float,
+        mode: str,  # "supervisor" or "standalone"
+        state: Callable[[], str],
+        app_pid: Callable[[], int | None],
+        app_gone: Callable[[], bool],
+    ) -> None:
+        self.drain = drain
+        self.config = config
+        self.runner = runner
+        self.clock = clock
+        self.started_at = started_at
+        self.mode = mode
+        self.state = state
+        self.app_pid = app_pid
+        self.app_gone = app_gone
 
 
 def supervisor_target(supervisor: Supervisor) -> Target:

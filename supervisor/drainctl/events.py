@@ -10,8 +10,11 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
-from typing import IO, Any
+
+TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (see drain.py)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import IO, Any
 
 __all__ = ["LOG_FORMATS", "Events", "format_json", "format_text"]
 
@@ -19,7 +22,8 @@ LOG_FORMATS = ("auto", "json", "text")
 
 # Listeners get every event as the dict that is logged (used by the control channel to stream a
 # drain's events to `drainctl prestop`).
-Listener = Callable[[dict[str, Any]], None]
+if TYPE_CHECKING:
+    Listener = Callable[[dict[str, Any]], None]
 
 
 def format_json(record: dict[str, Any]) -> str:

@@ -17,23 +17,25 @@ import selectors
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from drainctl import control, reaper, termination
 from drainctl.child import Child, spawn
-from drainctl.config import Config
 from drainctl.drain import Drain, Phase, Seams
 from drainctl.signals import Inbox, SignalWaiter, block_all, signal_name
 
+TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (see drain.py)
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any, TypeVar
+
+    from drainctl.config import Config
     from drainctl.connections import Counter, Counts
     from drainctl.downcall import DownResult, ProbeResult
     from drainctl.events import Events
 
-__all__ = ["Supervisor", "ThreadRunner", "drain_seams"]
+    T = TypeVar("T")
 
-T = TypeVar("T")
+__all__ = ["Supervisor", "ThreadRunner", "drain_seams"]
 
 # After the app's exit, how often we look whether anything of its group is left (no event tells
 # us when a grandchild whose parent is alive exits), and how long we wait after SIGKILL.
@@ -184,11 +186,11 @@ class Supervisor:
                     key.data()
             for kind, payload in self.inbox.take():
                 if kind == "signal":
-                    signo, sender = cast(tuple[int, int], payload)
-                    self._on_signal(signo, sender)
+                    signal_pair: tuple[int, int] = payload  # type: ignore[assignment]
+                    self._on_signal(*signal_pair)
                 elif kind == "job":
-                    done, result = cast(tuple[Callable[[object], None], object], payload)
-                    done(result)
+                    job: tuple[Callable[[object], None], object] = payload  # type: ignore[assignment]
+                    job[0](job[1])
             self._reap()
             self.drain.tick()
             if self.control is not None:

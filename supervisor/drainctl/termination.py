@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import TYPE_CHECKING
-from urllib.parse import urlsplit, urlunsplit
 
+TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (see drain.py)
 if TYPE_CHECKING:
     from drainctl.drain import Drain
     from drainctl.events import Events
@@ -125,6 +124,8 @@ def _duration(seconds: float) -> str:
 
 def _safe_url(url: str) -> str:
     """Scheme, host, port and path only: a query or userinfo may hold a token, and it is short."""
+    from urllib.parse import urlsplit, urlunsplit  # only when a drain is summed up
+
     parts = urlsplit(url)
     host = parts.hostname or ""
     if ":" in host:
