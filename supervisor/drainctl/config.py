@@ -102,7 +102,7 @@ OPTIONS: tuple[Option, ...] = (
            "writable; empty: off.", "/dev/termination-log",
            commands=("run", "prestop", "check")),
     Option("log_format", "json, text, or auto (text on a terminal, JSON otherwise).", "auto",
-           commands=("run", "prestop", "check", "status", "connections", "demo")),
+           commands=("run", "prestop", "check", "status", "connections")),
     Option("single_child", "Signal the direct child only, not its process group.", None, "flag",
            commands=_RUN),
     Option("exit_code_map", "Remap the app's exit codes, e.g. 143:0 (repeatable or comma list).",
