@@ -15,6 +15,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -227,3 +228,27 @@ def test_noexec_runtime_dir_is_refused_and_the_next_one_used(binary: Path, tmp_p
          str(noexec), str(binary), "--version"],
         env=dict(env, TMPDIR=str(noexec)), capture_output=True, text=True, timeout=60)
     assert fallback.returncode == 0 and fallback.stdout.startswith("drainctl "), fallback.stderr
+
+
+@pytest.mark.skipif(not (IS_ROOT and shutil.which("setpriv")), reason="needs root and setpriv(1)")
+def test_a_non_root_user_unpacks_into_a_directory_of_its_own(binary: Path) -> None:
+    # Pods run as some uid (runAsUser) with an emptyDir at /tmp (mode 0777). Outside pytest's
+    # tmp_path, whose parents are 0700: the other user could not even reach it.
+    base = Path(tempfile.mkdtemp(prefix="drainctl-test-"))
+    try:
+        base.chmod(0o755)
+        shared = base / "shared-tmp"
+        shared.mkdir()
+        shared.chmod(0o1777)
+        shutil.copy2(binary, base / "drainctl")
+        env = dict(os.environ, DRAINCTL_RUNTIME_DIR=str(shared))
+        result = subprocess.run(
+            ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+             str(base / "drainctl"), "run", "--delay", "0", "--", "/usr/bin/id", "-u"],
+            capture_output=True, text=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "65534"
+        own = shared / "drainctl-65534"
+        assert own.stat().st_uid == 65534 and own.stat().st_mode & 0o777 == 0o700
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
