@@ -74,7 +74,8 @@ class PodNetwork:
         self.created = False
 
     def create(self) -> None:
-        if self.host_addr in _ip("-br", "addr").stdout.split():
+        taken = {word.split("/")[0] for word in _ip("-br", "addr").stdout.split()}
+        if self.host_addr in taken:
             raise RuntimeError(f"{self.host_addr} is already on an interface of this host")
         self.created = True
         _ip("netns", "add", self.name)

@@ -115,14 +115,23 @@ def run(
     return result
 
 
+def timeline(f: dict[str, Any]) -> str:
+    """The deletion's steps in one line, for an assertion's message."""
+    steps = ("deregistered_s", "hook_s", "stop_signal_s", "app_exited_s", "drainctl_exit_s",
+             "pod_gone_s")
+    return f"{f['scenario']}: " + ", ".join(f"{k[:-2]} {f[k]}" for k in steps) + (
+        f"; drain {f['drain']}; failures {f['failures']} {f['failures_by_kind']}"
+    )
+
+
 def assert_no_failure(f: dict[str, Any]) -> None:
-    assert f["deregistered_s"] is not None, f
-    assert f["failures"] == 0, f
-    assert not f["sigkill"] and not f["drainctl_kill_escalated"], f
-    assert f["drain"] is not None and f["drain"]["reason"] == "drained", f
-    assert f["pod_gone_s"] <= BOUND, f
-    assert f["gateway_marked_upstream_down"] == 0, f
-    assert f["requests"] > 100, f
+    assert f["deregistered_s"] is not None, timeline(f)
+    assert f["failures"] == 0, timeline(f)
+    assert not f["sigkill"] and not f["drainctl_kill_escalated"], timeline(f)
+    assert f["drain"] is not None and f["drain"]["reason"] == "drained", timeline(f)
+    assert f["pod_gone_s"] <= BOUND, f"over {BOUND}s: {timeline(f)}"
+    assert f["gateway_marked_upstream_down"] == 0, timeline(f)
+    assert f["requests"] > 100, timeline(f)
 
 
 Record = Callable[[dict[str, Any]], None]
