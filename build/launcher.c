@@ -9,7 +9,8 @@
  *      e.g. `run` before `prestop`): use it; else unpack into a private temporary directory and
  *      rename(2) it into place, so a reader never sees half a bundle and two starters cannot
  *      collide (the loser of the rename removes its copy);
- *   3. execv(2) the bundle's executable with our argv and environment, untouched.
+ *   3. execv(2) the bundle's program through the bundle's loader, with our arguments and our
+ *      environment plus two variables of ours (below), which the bundle takes out again.
  * exec, not fork: the Python side *is* this process, so it is PID 1 and gets the signals and
  * the orphans itself. PyInstaller's own onefile mode forks and waits instead: its bootloader
  * stays PID 1, never reaps orphans (measured: 20 of 20 left as zombies) and unpacks again on
@@ -18,14 +19,16 @@
  * The bundle carries glibc and its loader, and runs through that loader (`ld.so --library-path
  * <bundle>/_internal <bundle>/drainctl ...`), so it needs no libc in the image (scratch, Alpine)
  * and no particular glibc version (UBI 8, Ubuntu 20.04 have older ones). PyInstaller's
- * bootloader supports being started this way: it sees /proc/self/exe is ld.so and finds itself
- * from argv[1]. --library-path is not exported.
+ * bootloader supports being started this way: it sees that /proc/self/exe is ld.so and finds
+ * itself from its argv[0], which ld.so sets to the program's path. --library-path is not
+ * exported to anything the bundle starts.
  *
  * The app must get exactly the environment drainctl got, but PyInstaller's bootloader changes
  * LD_LIBRARY_PATH (saving it in LD_LIBRARY_PATH_ORIG, but not an empty one, and overwriting a
  * user's LD_LIBRARY_PATH_ORIG) and sets or clears _PYI_* and PYINSTALLER_* variables. So the
  * launcher records those variables as it received them in _DRAINCTL_ORIG_ENV (hex of
  * "NAME=VALUE\0"..., empty when there were none), and child.child_environ puts them back.
+ * _DRAINCTL_LAUNCHER carries our argv[0] (e.g. /drainctl) to build/rthook_launcher.py.
  *
  * Failure is one line on stderr and exit 125 (the runtime's own failure, as `docker run`).
  */
@@ -283,8 +286,8 @@ static void try_base(const char *base, int self, const struct trailer *t, char *
             remove_tree(temp); /* another start unpacked the same bundle first: use theirs */
     }
     /* argv for the loader: ld.so --library-path DIR PROGRAM ARG... (ld.so(8)). The program is
-     * named by its path, not our argv[0], so PyInstaller's bootloader (which knows it was started
-     * through ld.so) finds its own archive from argv[0]. */
+     * named by its path, not by our argv[0]: that path becomes its argv[0], from which
+     * PyInstaller's bootloader (knowing it was started through ld.so) finds its archive. */
     char libs[PATH_MAX];
     snprintf(libs, sizeof(libs), "%s/_internal", bundle);
     int argc = 0;
