@@ -112,6 +112,8 @@ def run(
     result = figures(scenario.name, load.snapshot(), deletion, pods[0], gateway,
                      BOUND if scenario.drainctl else None)
     result["hook_output"] = deletion.hook_output.strip().splitlines()[-3:]
+    if scenario.drainctl:
+        result["drainctl"] = " ".join(drainctl_argv())  # the source, or DRAINCTL_BIN's binary
     return result
 
 
