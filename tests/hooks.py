@@ -8,20 +8,15 @@ does the same, so the hook finds the container's default control socket by itsel
 
 from __future__ import annotations
 
-import http.client
 import shutil
-import socket
-import threading
-import time
-from dataclasses import dataclass, field
 
 import pytest
 
 from tests.conftest import IS_ROOT, Proc, Processes, app, drainctl_argv, inner_pid
+from tests.traffic import free_port, signal_time
 
 __all__ = [
-    "KeepAlive",
-    "container",
+        "container",
     "exec_in",
     "free_port",
     "mnt_ns_address",
@@ -33,12 +28,6 @@ needs_namespaces = pytest.mark.skipif(
     not (IS_ROOT and shutil.which("unshare") and shutil.which("nsenter")),
     reason="needs root, unshare(1) and nsenter(1) for PID/mount namespaces",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def container(procs: Processes, *drain_args: str, port: int, app_args: tuple[str, ...] = (),
@@ -61,54 +50,6 @@ def exec_in(procs: Processes, pid: int, *args: str, user: int | None = None,
     if user is not None:
         argv += ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
     return procs.start([*argv, *drainctl_argv(), *args], env=env)
-
-
-def signal_time(proc: Proc, name: str) -> float | None:
-    """When httpapp got signal `name` (its own clock), or None."""
-    for line in proc.stdout().splitlines():
-        if line.startswith(f"signal {name} "):
-            return float(line.split()[2])
-    return None
-
-
-@dataclass
-class KeepAlive:
-    """One keep-alive HTTP client: a request every `interval` until the server says close."""
-
-    port: int
-    interval: float = 0.05
-    requests: int = 0
-    closed_at: float | None = None
-    errors: list[str] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self) -> None:
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        deadline = time.monotonic() + 30
-        try:
-            while not self.stop.is_set() and time.monotonic() < deadline:
-                try:
-                    conn.request("GET", "/")
-                    response = conn.getresponse()
-                    response.read()
-                except (OSError, http.client.HTTPException) as exc:
-                    self.errors.append(f"{type(exc).__name__}: {exc}")
-                    return
-                self.requests += 1
-                if (response.getheader("Connection") or "").lower() == "close":
-                    return
-                self.stop.wait(self.interval)
-        finally:
-            conn.close()
-            self.closed_at = time.time()
-
-    def finish(self) -> None:
-        self.stop.set()
-        self.thread.join(15)
 
 
 def mnt_ns_address(pid: int) -> str:

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from tests.conftest import Processes, wait_for
-from tests.hooks import KeepAlive, container, exec_in, free_port, needs_namespaces, signal_time
+from tests.hooks import container, exec_in, free_port, needs_namespaces, signal_time
+from tests.traffic import Client
 
 pytestmark = needs_namespaces
 
@@ -26,13 +27,13 @@ def test_prestop_drains_then_the_kubelets_sigterm_is_forwarded_at_once(procs: Pr
     port = free_port()
     sup, pid1 = container(procs, "--delay", "0.5", "--settle", "0.2", "--grace-period", "20",
                           "--down-url", f"http://127.0.0.1:{port}/down", port=port)
-    client = KeepAlive(port)
+    client = Client(port).start()
     wait_for(lambda: client.requests)
     hook = exec_in(procs, pid1, "prestop")
     assert hook.wait(15) == 0, hook.stderr()
     returned_at = time.time()
     client.finish()
-    assert client.errors == [] and client.closed_at is not None
+    assert client.failures == [] and client.closed_at is not None
     assert client.closed_at <= returned_at, "prestop returned only after the client left"
     assert "down 1 " in sup.stdout()
     assert signal_time(sup, "SIGTERM") is None, "the app is untouched until the kubelet's SIGTERM"
@@ -149,7 +150,7 @@ def test_standalone_prestop_drains_and_never_signals_the_app(
     log = tmp_path / "termination-log"
     log.write_text("")
     web, pid1 = container(procs, port=port, supervised=False)  # the app itself is PID 1
-    client = KeepAlive(port)
+    client = Client(port).start()
     wait_for(lambda: client.requests)
     hook_started = time.time()
     hook = exec_in(procs, pid1, "prestop", "--delay", "0.5", "--settle", "0.2",
@@ -157,7 +158,7 @@ def test_standalone_prestop_drains_and_never_signals_the_app(
                    "--down-url", f"http://127.0.0.1:{port}/down")
     assert hook.wait(15) == 0, hook.stderr()
     client.finish()
-    assert client.errors == []
+    assert client.failures == []
     down = [line for line in web.stdout().splitlines() if line.startswith("down ")]
     assert len(down) == 1 and float(down[0].split()[2]) >= hook_started + 0.5
     assert next(e["ports"] for e in hook.events() if e["event"] == "connections") == [port], (
