@@ -288,3 +288,34 @@ def test_idle_grace_releases_idle_connections_not_busy_ones(procs: Processes) ->
         assert any(e.get("idle") == 1 for e in proc.events() if e["event"] == "connections")
     finally:
         idle.close()
+
+
+# ---- the contract self-test (issue 5) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("closes", [True, False], ids=["app-closes", "app-keeps-alive"])
+def test_contract_warning_only_for_an_app_that_keeps_connections_alive(
+    procs: Processes, closes: bool
+) -> None:
+    port = free_port()
+    proc, _ = start_app(procs, "--delay", "0", "--settle", "0.1",
+                        "--down-url", f"http://127.0.0.1:{port}/down",
+                        app_args=() if closes else ("--no-close",), port=port)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(10) == 128 + signal.SIGTERM
+    assert proc.wait_event("down.called")["status"] == 200
+    warnings = [e for e in proc.events() if e["event"] == "contract.warning"]
+    if closes:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and "Connection: close" in warnings[0]["message"]
+
+
+def test_no_probe_turns_the_self_test_off(procs: Processes) -> None:
+    port = free_port()
+    proc, _ = start_app(procs, "--delay", "0", "--settle", "0.1", "--no-probe",
+                        "--down-url", f"http://127.0.0.1:{port}/down",
+                        app_args=("--no-close",), port=port)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(10) == 128 + signal.SIGTERM
+    assert "contract.warning" not in proc.event_names()
