@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main"]
+__all__ = ["entry", "main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,5 +40,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return app_main(args)
 
 
+def entry() -> None:
+    """Run, then leave at once with the code: no interpreter shutdown.
+
+    Tearing down the modules a drain loaded (httpx, httpcore, psutil) took 0.13-0.43 s after the
+    `exit` event (measured in tests/e2e); for `prestop` that time delays the kubelet's SIGTERM,
+    for `run` the pod's exit. Nothing of ours needs it: files are closed where they are written,
+    and no atexit handler is registered. Only the standard streams need flushing.
+    """
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -86,9 +86,10 @@ public final class DrainDemo {
             } else if (healthPaths.contains(path)) {
                 reply(exchange, 200, "ok\n");
             } else {
-                // Set before the handler runs: the headers are sent by sendResponseHeaders.
+                // Set before the handler runs, and again when it sends its headers: a request
+                // that was already running when down came must make its client leave too.
                 closeIfDraining(exchange);
-                chain.doFilter(exchange);
+                chain.doFilter(new CloseOnSend(exchange));
             }
         }
 
@@ -114,6 +115,38 @@ public final class DrainDemo {
             if (isDraining() && exchange.getProtocol().startsWith("HTTP/1.")) {
                 exchange.getResponseHeaders().set("Connection", "close");
             }
+        }
+
+        /** The handler's exchange, with Connection: close added when it sends its headers. */
+        static final class CloseOnSend extends HttpExchange {
+            private final HttpExchange inner;
+
+            CloseOnSend(HttpExchange inner) {
+                this.inner = inner;
+            }
+
+            @Override
+            public void sendResponseHeaders(int rCode, long responseLength) throws IOException {
+                closeIfDraining(inner);
+                inner.sendResponseHeaders(rCode, responseLength);
+            }
+
+            @Override public Headers getRequestHeaders() { return inner.getRequestHeaders(); }
+            @Override public Headers getResponseHeaders() { return inner.getResponseHeaders(); }
+            @Override public java.net.URI getRequestURI() { return inner.getRequestURI(); }
+            @Override public String getRequestMethod() { return inner.getRequestMethod(); }
+            @Override public com.sun.net.httpserver.HttpContext getHttpContext() { return inner.getHttpContext(); }
+            @Override public void close() { inner.close(); }
+            @Override public java.io.InputStream getRequestBody() { return inner.getRequestBody(); }
+            @Override public OutputStream getResponseBody() { return inner.getResponseBody(); }
+            @Override public InetSocketAddress getRemoteAddress() { return inner.getRemoteAddress(); }
+            @Override public int getResponseCode() { return inner.getResponseCode(); }
+            @Override public InetSocketAddress getLocalAddress() { return inner.getLocalAddress(); }
+            @Override public String getProtocol() { return inner.getProtocol(); }
+            @Override public Object getAttribute(String name) { return inner.getAttribute(name); }
+            @Override public void setAttribute(String name, Object value) { inner.setAttribute(name, value); }
+            @Override public void setStreams(java.io.InputStream i, OutputStream o) { inner.setStreams(i, o); }
+            @Override public com.sun.net.httpserver.HttpPrincipal getPrincipal() { return inner.getPrincipal(); }
         }
 
         static boolean hasParam(String rawQuery, String wanted) {
