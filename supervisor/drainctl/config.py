@@ -283,15 +283,6 @@ class Config:
     def budget(self) -> Budget:
         return Budget(self.grace_period, self.stop_timeout, self.delay, self.drain_timeout)
 
-    @property
-    def drain_configured(self) -> bool:
-        """False when SIGTERM has nothing to wait for and is forwarded at once.
-
-        With auto ports the app may still listen on something, so only explicit emptiness
-        counts: no delay, no down URL. The port lookup then decides (`no-ports` is immediate).
-        """
-        return self.delay > 0 or self.down_url is not None or bool(self.ports)
-
 
 RawValue = str | bool | Sequence[str] | None
 

@@ -126,7 +126,6 @@ class _Wait:
         self.zero_since: float | None = None
         self.last_event_at: float | None = None
         self.last_event_key: tuple[int, ...] | None = None
-        self.errors = 0
 
 
 class _Record:
@@ -258,10 +257,6 @@ class Drain:
     def ports(self) -> list[int] | None:
         return self._wait.ports
 
-    @property
-    def last_counts(self) -> Counts | None:
-        return self._wait.last
-
     def time_left(self) -> float | None:
         """Seconds until the stop signal must go out."""
         if self._stop_at is None:
@@ -358,7 +353,6 @@ class Drain:
             return
         if isinstance(result, Exception):
             # A transient read error never aborts the drain (istio#50596): log, count again.
-            wait.errors += 1
             self.events.emit("connections.error", error=f"{type(result).__name__}: {result}")
             return
         wait.last = result
