@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import IS_ROOT, ROOT, Processes, inner_pid, needs_unshare, wait_for
+from tests.conftest import APPS, IS_ROOT, ROOT, Processes, inner_pid, needs_unshare, wait_for
 from tests.frozen import frozen_binary
 
 EXIT_LAUNCHER = 125
@@ -115,19 +115,6 @@ def test_the_app_gets_exactly_drainctls_environment(binary: Path, extra: dict[st
 
 # ---- PID 1 ---------------------------------------------------------------------------------------
 
-ORPHANS = """
-import os, sys, time
-print("ppid", os.getppid(), flush=True)
-for i in range(20):
-    if os.fork() == 0:
-        if os.fork() == 0:
-            time.sleep(0.3)
-            os._exit(0)
-        os._exit(0)
-    os.waitpid(-1, 0)
-print("forked", flush=True)
-time.sleep(60)
-"""
 
 
 def zombies(pid: int) -> list[int]:
@@ -137,7 +124,7 @@ def zombies(pid: int) -> list[int]:
 @needs_unshare
 def test_drainctl_itself_is_pid_1_and_reaps_every_orphan(binary: Path, procs: Processes) -> None:
     proc = procs.start(["unshare", "--pid", "--fork", "--mount-proc", str(binary), "run",
-                        "--delay", "0", "--", sys.executable, "-c", ORPHANS])
+                        "--delay", "0", "--", sys.executable, str(APPS / "orphans.py"), "20"])
     proc.wait_output("forked")
     pid1 = inner_pid(proc)
     # No bootloader in between: the app's parent is PID 1, and PID 1 is drainctl's Python.

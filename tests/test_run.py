@@ -237,23 +237,11 @@ def test_sigterm_reaches_a_wrapper_and_all_its_children(procs: Processes, single
 
 # ---- reaping ------------------------------------------------------------------------------------
 
-ORPHANS = """
-import os, sys, time
-for i in range(100):
-    if os.fork() == 0:
-        if os.fork() == 0:
-            time.sleep(0.3)
-            os._exit(0)
-        os._exit(0)
-    os.waitpid(-1, 0)
-print("forked", flush=True)
-time.sleep(60)
-"""
 
 
 @pytest.mark.parametrize("pid1", MODES)
 def test_orphans_are_reaped(procs: Processes, pid1: bool) -> None:
-    proc = procs.drainctl("run", *NO_DRAIN, "--", sys.executable, "-c", ORPHANS, pid1=pid1)
+    proc = procs.drainctl("run", *NO_DRAIN, "--", *app("orphans.py", "100"), pid1=pid1)
     proc.wait_output("forked")
     supervisor = psutil.Process(target_pid(proc, pid1))
 
@@ -273,8 +261,7 @@ def test_orphans_are_reaped(procs: Processes, pid1: bool) -> None:
 def test_orphans_came_to_the_subreaper(procs: Processes) -> None:
     # The orphans must really be re-parented to drainctl (not to the host's init), else the
     # reaping test above could pass without drainctl doing anything.
-    slow = ORPHANS.replace("time.sleep(0.3)", "time.sleep(2)")
-    proc = procs.drainctl("run", *NO_DRAIN, "--", sys.executable, "-c", slow)
+    proc = procs.drainctl("run", *NO_DRAIN, "--", *app("orphans.py", "100", "2"))
     proc.wait_output("forked")
     supervisor = psutil.Process(proc.pid)
     assert len(supervisor.children()) > 50
