@@ -42,8 +42,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <time.h>
 #include <sys/types.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -268,8 +270,18 @@ static void try_base(const char *base, int self, const struct trailer *t, char *
     snprintf(program, sizeof(program), "%s/%.32s", bundle, t->program);
     snprintf(loader, sizeof(loader), "%s/%.64s", bundle, t->interp);
     if (!is_dir(bundle)) {
-        snprintf(temp, sizeof(temp), "%s/.%.32s.%d", top, t->id, (int)getpid());
-        remove_tree(temp); /* a pid reused after an interrupted unpack */
+        /* A name of this start's own. Not the pid alone: every container's PID 1 is pid 1, and
+         * two containers can share the directory (a pod's /dev/shm, a shared emptyDir); with
+         * pid-named temporaries one start deleted the other's unpack under its feet (seen in
+         * tests/e2e: two pods starting at once, "cannot exec the unpacked bundle"). */
+        uint64_t nonce = 0;
+        if (getrandom(&nonce, sizeof(nonce), GRND_NONBLOCK) != sizeof(nonce)) {
+            struct timespec now;
+            clock_gettime(CLOCK_REALTIME, &now);
+            nonce = ((uint64_t)now.tv_sec << 30) ^ (uint64_t)now.tv_nsec ^ (uint64_t)(uintptr_t)&now;
+        }
+        snprintf(temp, sizeof(temp), "%s/.%.32s.%d.%016llx", top, t->id, (int)getpid(),
+                 (unsigned long long)nonce);
         if (mkdir(temp, 0700) < 0) {
             note("%s: %s", base, strerror(errno));
             return;

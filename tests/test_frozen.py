@@ -175,6 +175,26 @@ def test_unpacks_once_and_concurrent_starts_share_one_copy(binary: Path,
     assert unpacked[0].stat().st_ino == before.st_ino  # reused, not unpacked again
 
 
+@needs_unshare
+def test_containers_starting_at_once_as_pid_1_share_one_directory(binary: Path,
+                                                                  runtime_dir: Path) -> None:
+    # Every container's PID 1 is pid 1 in its own namespace, and containers can share the
+    # runtime directory (a pod's /dev/shm, a shared emptyDir). Temporaries named by pid alone
+    # collided: one start deleted the other's unpack (seen in tests/e2e, two pods at once).
+    env = dict(os.environ, DRAINCTL_RUNTIME_DIR=str(runtime_dir))
+    starts = [
+        subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", str(binary), "run",
+                          "--delay", "0", "--", "/bin/true"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(6)
+    ]
+    for popen in starts:
+        _, err = popen.communicate(timeout=60)
+        assert popen.returncode == 0, err
+    unpacked = bundles(runtime_dir)
+    assert len(unpacked) == 1 and not unpacked[0].name.startswith("."), unpacked
+
+
 def test_unwritable_runtime_dir_is_one_line(binary: Path) -> None:
     env = dict(os.environ, DRAINCTL_RUNTIME_DIR="/proc")
     result = run(binary, "run", "--", "true", env=env)
