@@ -431,3 +431,12 @@ def test_importing_the_app_side_imports_only_the_standard_library() -> None:
     added = {name.split(".")[0] for name in json.loads(out)}
     foreign = added - set(sys.stdlib_module_names) - {"drainctl"}
     assert not foreign, f"drainctl.wsgi/asgi import {sorted(foreign)}"
+
+
+@pytest.mark.parametrize("module", ["drainctl.wsgi", "drainctl.asgi"])
+def test_a_misspelt_option_is_an_error(module: str) -> None:
+    import importlib
+
+    middleware = importlib.import_module(module).DrainMiddleware
+    with pytest.raises(TypeError, match="health_path"):
+        middleware(lambda *a: None, health_path=["/h"])

@@ -46,7 +46,9 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 from urllib.parse import parse_qsl
 
 __all__ = [
@@ -342,3 +344,42 @@ class Endpoints:
             # took the whole LB out of rotation).
             return _text(503, "Service Unavailable", "draining\n")
         return _text(200, "OK", "ready\n" if route == "readiness" else "ok\n")
+
+
+class Options(TypedDict, total=False):
+    """The keyword options both DrainMiddlewares take (documented on drainctl.wsgi's)."""
+
+    down_path: str
+    down_query: str | None
+    health_paths: Iterable[str]
+    readiness_path: str | None
+    allow_remote_down: bool
+    state_file: str | None
+    check_interval: float
+
+
+class Contract:
+    """What the WSGI and the ASGI middleware share: the routes, the down state, the flag for
+    the one warning about a server whose connection cannot be forced closed."""
+
+    def __init__(self, **options: Unpack[Options]) -> None:
+        unknown = sorted(set(options) - set(Options.__annotations__))
+        if unknown:  # a misspelt option must not be ignored silently
+            raise TypeError(f"DrainMiddleware got unexpected options: {', '.join(unknown)}")
+        self.endpoints = Endpoints(
+            down_path=options.get("down_path", DEFAULT_DOWN_PATH),
+            down_query=options.get("down_query"),
+            health_paths=tuple(options.get("health_paths", ())),
+            readiness_path=options.get("readiness_path"),
+            allow_remote_down=options.get("allow_remote_down", False),
+        )
+        self.state = get_state(options.get("state_file"),
+                               check_interval=options.get("check_interval", 0.0))
+        self._warned_unforced = False
+
+    @property
+    def draining(self) -> bool:
+        return self.state.is_down()
+
+    def mark_down(self) -> None:
+        self.state.mark_down()

@@ -28,9 +28,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from typing import Any, Unpack
 
-from drainctl._downstate import DEFAULT_DOWN_PATH, ENV_STATE_FILE, Endpoints, Reply, get_state
+from drainctl._downstate import (
+    DEFAULT_DOWN_PATH,
+    ENV_STATE_FILE,
+    Contract,
+    Options,
+    Reply,
+    get_state,
+)
 
 __all__ = [
     "DEFAULT_DOWN_PATH",
@@ -92,41 +99,15 @@ def _gunicorn_force_close(send: Send) -> bool | None:
     return False
 
 
-class DrainMiddleware:
+class DrainMiddleware(Contract):
     """Wrap an ASGI app with the drain contract; the options are drainctl.wsgi.DrainMiddleware's.
 
     The app sees ``scope["drainctl.draining"]`` (as of the request's start).
     """
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        down_path: str = DEFAULT_DOWN_PATH,
-        down_query: str | None = None,
-        health_paths: Iterable[str] = (),
-        readiness_path: str | None = None,
-        allow_remote_down: bool = False,
-        state_file: str | None = None,
-        check_interval: float = 0.0,
-    ) -> None:
+    def __init__(self, app: ASGIApp, **options: Unpack[Options]) -> None:
+        super().__init__(**options)
         self.app = app
-        self.endpoints = Endpoints(
-            down_path=down_path,
-            down_query=down_query,
-            health_paths=tuple(health_paths),
-            readiness_path=readiness_path,
-            allow_remote_down=allow_remote_down,
-        )
-        self.state = get_state(state_file, check_interval=check_interval)
-        self._warned_unforced = False
-
-    @property
-    def draining(self) -> bool:
-        return self.state.is_down()
-
-    def mark_down(self) -> None:
-        self.state.mark_down()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -36,9 +36,9 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
-from drainctl._downstate import DEFAULT_DOWN_PATH, ENV_STATE_FILE, Endpoints, get_state
+from drainctl._downstate import DEFAULT_DOWN_PATH, ENV_STATE_FILE, Contract, Options, get_state
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -101,7 +101,7 @@ def _waitress_close(environ: WSGIEnvironment) -> bool:
     return True
 
 
-class DrainMiddleware:
+class DrainMiddleware(Contract):
     """Wrap a WSGI app with the drain contract.
 
     ``down_path``/``down_query``: the down endpoint (GET or POST, 200, idempotent); e.g.
@@ -113,35 +113,9 @@ class DrainMiddleware:
     server's process group; ``DRAINCTL_DOWN_STATE`` overrides).
     """
 
-    def __init__(
-        self,
-        app: WSGIApplication,
-        *,
-        down_path: str = DEFAULT_DOWN_PATH,
-        down_query: str | None = None,
-        health_paths: Iterable[str] = (),
-        readiness_path: str | None = None,
-        allow_remote_down: bool = False,
-        state_file: str | None = None,
-        check_interval: float = 0.0,
-    ) -> None:
+    def __init__(self, app: WSGIApplication, **options: Unpack[Options]) -> None:
+        super().__init__(**options)
         self.app = app
-        self.endpoints = Endpoints(
-            down_path=down_path,
-            down_query=down_query,
-            health_paths=tuple(health_paths),
-            readiness_path=readiness_path,
-            allow_remote_down=allow_remote_down,
-        )
-        self.state = get_state(state_file, check_interval=check_interval)
-        self._warned_unforced = False
-
-    @property
-    def draining(self) -> bool:
-        return self.state.is_down()
-
-    def mark_down(self) -> None:
-        self.state.mark_down()
 
     def __call__(
         self, environ: WSGIEnvironment, start_response: StartResponse
