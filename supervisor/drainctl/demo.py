@@ -443,16 +443,9 @@ def _naive(procs: _Processes, options: DemoOptions, other: tuple[str, int]) -> S
     scenario = Scenario("naive", f"naive, the incident. preStop: sleep {options.delay:g}s, call "
                         "down; after down the app answers 503 \"halting\"")
     proc, port = _start_pod(procs, "pod-1", naive=True)
-    clients, clock = _traffic(options, port, other)
-
-    def note(text: str) -> None:
-        scenario.timeline.append((round(clock.now(), 2), text))
-
-    scenario.timeline.append((0.0, _traffic_text(options)))
+    clients, clock, note = _traffic(options, port, other, scenario)
     try:
-        clock.sleep_until(TERMINATING_AT)
-        clients.balancer.remove_first()
-        note("kubelet: pod-1 Terminating, endpoints removed: new connections go to pod-2")
+        _terminating(clients, clock, note)
         note(f"preStop hook: sleep {options.delay:g}s")
         clock.sleep_until(TERMINATING_AT + options.delay)
         called_at = round(clock.now(), 2)  # the line goes where the call began, like curl's
@@ -494,16 +487,9 @@ def _with_drainctl(procs: _Processes, options: DemoOptions, other: tuple[str, in
     proc = procs.start("drainctl run", argv, on_event=events.append)
     proc.wait_ready(READY_TIMEOUT)
     procs.track(proc.descendants())  # the app, in its own group: close() must find it
-    clients, clock = _traffic(options, port, other)
-
-    def note(text: str) -> None:
-        scenario.timeline.append((round(clock.now(), 2), text))
-
-    scenario.timeline.append((0.0, _traffic_text(options)))
+    clients, clock, note = _traffic(options, port, other, scenario)
     try:
-        clock.sleep_until(TERMINATING_AT)
-        clients.balancer.remove_first()
-        note("kubelet: pod-1 Terminating, endpoints removed: new connections go to pod-2")
+        _terminating(clients, clock, note)
         note("kubelet: no preStop hook: SIGTERM to drainctl (PID 1)")
         proc.signal(signal.SIGTERM)
         _await_gone(proc, clock, scenario, note, "drainctl and the app")
@@ -530,11 +516,26 @@ def _traffic_text(options: DemoOptions) -> str:
             "all connected to pod-1")
 
 
-def _traffic(options: DemoOptions, port: int, other: tuple[str, int]) -> tuple[_Clients, _Clock]:
+def _traffic(
+    options: DemoOptions, port: int, other: tuple[str, int], scenario: Scenario
+) -> tuple[_Clients, _Clock, Callable[[str], None]]:
+    """Start the clients on pod-1; returns them, the scenario's clock, and its `note`."""
     clients = _Clients(options, _Balancer(("pod-1", port), other))
     clock = _Clock()
     clients.start()
-    return clients, clock
+
+    def note(text: str) -> None:
+        scenario.timeline.append((round(clock.now(), 2), text))
+
+    scenario.timeline.append((0.0, _traffic_text(options)))
+    return clients, clock, note
+
+
+def _terminating(clients: _Clients, clock: _Clock, note: Callable[[str], None]) -> None:
+    """The kubelet marks pod-1 Terminating: from now on new connections go to pod-2."""
+    clock.sleep_until(TERMINATING_AT)
+    clients.balancer.remove_first()
+    note("kubelet: pod-1 Terminating, endpoints removed: new connections go to pod-2")
 
 
 def _call(port: int) -> str:
