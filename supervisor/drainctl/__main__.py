@@ -11,29 +11,20 @@ __all__ = ["entry", "main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["run"]:
-        # The PID-1 path: parse with the option table alone (see argv.py), no typer.
+    if args[:1] in (["run"], ["prestop"]):
+        # PID 1, and the hook whose start-up comes out of the grace period: parse with the
+        # option table alone (see argv.py), no typer. Anything unusual goes to the typer app.
         from drainctl import argv as fast
         from drainctl import commands
 
         try:
-            raw, command = fast.parse("run", args[1:])
+            raw, rest = fast.parse(args[0], args[1:])
         except fast.NotFast:
             pass
         else:
-            if command:
-                return commands.run(raw, command)
-    elif args[:1] == ["prestop"]:
-        # The hook: its start-up time comes out of the grace period, so no typer either.
-        from drainctl import argv as fast
-        from drainctl import commands
-
-        try:
-            raw, extra = fast.parse("prestop", args[1:])
-        except fast.NotFast:
-            pass
-        else:
-            if not extra:
+            if args[0] == "run" and rest:
+                return commands.run(raw, rest)
+            if args[0] == "prestop" and not rest:
                 return commands.prestop(raw)
     from drainctl.cli import app_main
 
