@@ -319,3 +319,33 @@ def test_no_probe_turns_the_self_test_off(procs: Processes) -> None:
     proc.signal(signal.SIGTERM)
     assert proc.wait(10) == 128 + signal.SIGTERM
     assert "contract.warning" not in proc.event_names()
+
+
+# ---- the budget at start-up ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (("--grace-period", "5", "--stop-timeout", "10"), ["stop-timeout 10s", "grace-period 5s"]),
+        (("--grace-period", "10", "--stop-timeout", "5", "--delay", "8"),
+         ["delay 8s", "= 5s", "cut to 5s"]),
+        (("--grace-period", "30", "--delay", "5", "--drain-timeout", "20"),
+         ["drain-timeout 20s", "cut to 15s"]),
+    ],
+    ids=["stop-timeout-exceeds-grace", "delay-exceeds-budget", "drain-timeout-exceeds-budget"],
+)
+def test_a_configuration_that_cannot_fit_is_warned_about_with_the_numbers(
+    procs: Processes, args: tuple[str, ...], words: list[str]
+) -> None:
+    proc = procs.drainctl("run", *args, "--", "true")
+    assert proc.wait(10) == 0
+    warnings = [e["message"] for e in proc.events() if e["event"] == "config.warning"]
+    assert len(warnings) == 1 and all(w in warnings[0] for w in words), warnings
+    assert proc.event_names().index("config.warning") < proc.event_names().index("child.started")
+
+
+def test_a_configuration_that_fits_is_not_warned_about(procs: Processes) -> None:
+    proc = procs.drainctl("run", "--", "true")
+    assert proc.wait(10) == 0
+    assert "config.warning" not in proc.event_names()
