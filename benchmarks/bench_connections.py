@@ -158,7 +158,7 @@ def serve_counts(row: str, port: int) -> None:
     """
     import psutil  # imported before the baseline for every method: only the counts are measured
 
-    from drainctl.connections import Counter
+    from drainctl.drain.connections import Counter
 
     del psutil
     method, _, variant = row.partition("+")
@@ -231,7 +231,7 @@ def time_ss(port: int) -> tuple[float, int]:
 
 
 def time_listening_ports(repeat: int) -> float:
-    from drainctl.connections import listening_ports
+    from drainctl.drain.connections import listening_ports
 
     times = []
     for _ in range(repeat):

@@ -20,6 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 APPS = Path(__file__).resolve().parent / "apps"
 IS_ROOT = os.geteuid() == 0
 
+# Every Python a test starts imports this checkout's drainctl, whatever copy is installed.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(ROOT / "supervisor"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+)
+
 
 def drainctl_argv() -> list[str]:
     """DRAINCTL_BIN=dist/drainctl runs every integration test against the frozen binary."""

@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
-from drainctl import _downstate, asgi, wsgi
-from drainctl._downstate import DownState, Endpoints, is_local_client
+from drainctl import asgi, wsgi
+from drainctl.app import contract as _downstate
+from drainctl.app.contract import DownState, Endpoints, is_local_client
 
 # --- WSGI, driven directly
 

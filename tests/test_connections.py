@@ -24,8 +24,8 @@ from typing import TypeVar
 
 import pytest
 
-from drainctl import connections as conn
-from drainctl.connections import (
+from drainctl.drain import connections as conn
+from drainctl.drain.connections import (
     METHODS,
     Counter,
     Counts,
@@ -437,7 +437,7 @@ def test_listening_ports_of_a_gone_process_is_empty() -> None:
 # listening_ports() can stop scanning fds once it has found them (listeners come first).
 ALONE_IN_NETNS = r"""
 import json, os, socket
-from drainctl.connections import Counter, all_listening_ports, listening_ports
+from drainctl.drain.connections import Counter, all_listening_ports, listening_ports
 v4 = socket.socket(); v4.bind(("127.0.0.1", 0)); v4.listen(64)
 port = v4.getsockname()[1]
 held = []
@@ -658,7 +658,7 @@ def test_proc_lines_listeners() -> None:
 
 
 def test_module_does_not_import_psutil_at_import_time() -> None:
-    code = "import sys, drainctl.connections; print('psutil' in sys.modules)"
+    code = "import sys, drainctl.drain.connections; print('psutil' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=30
     )

@@ -63,7 +63,7 @@ def nobody_python() -> str | None:
     for candidate in (sys.executable, "/usr/bin/python3"):
         result = subprocess.run(
             ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", candidate,
-             "-c", "import drainctl.commands, drainctl.prestop"],
+             "-c", "import drainctl.cli.commands, drainctl.control.prestop"],
             env=env, capture_output=True, timeout=20, cwd="/",
         )
         if result.returncode == 0:
@@ -73,7 +73,7 @@ def nobody_python() -> str | None:
 
 # `status` through its command body (typer may not be importable by that interpreter);
 # `prestop` through `python -m drainctl`, whose fast path needs no typer.
-STATUS_BODY = "import sys; from drainctl import commands; sys.exit(commands.status({}))"
+STATUS_BODY = "import sys; from drainctl.cli import commands; sys.exit(commands.status({}))"
 
 
 @needs_namespaces

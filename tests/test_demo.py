@@ -14,7 +14,7 @@ from typing import Any
 import psutil
 import pytest
 
-from drainctl.demo import DemoOptions, Figures, Scenario, render
+from drainctl.demo.scenario import DemoOptions, Figures, Scenario, render
 from tests.conftest import Processes, drainctl_argv, wait_for
 
 # The demo takes ~12 s; the bound leaves room for a loaded CI machine, not for a hang.

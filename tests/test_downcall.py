@@ -20,7 +20,7 @@ from types import TracebackType
 import httpx
 import pytest
 
-from drainctl.downcall import (
+from drainctl.drain.downcall import (
     DownResult,
     ProbeResult,
     call_down,
@@ -449,7 +449,7 @@ def test_probe_url(down_url: str, path: str, expected: str) -> None:
 def test_module_does_not_import_httpx() -> None:
     # The supervisor imports this module at start-up; httpx (~170 ms) only comes with a drain.
     code = (
-        "import sys, drainctl.downcall as d\n"
+        "import sys, drainctl.drain.downcall as d\n"
         "d.validate_down_url('http://127.0.0.1:8080/down')\n"
         "d.probe_url('http://127.0.0.1:8080/down')\n"
         "print('httpx' in sys.modules)\n"

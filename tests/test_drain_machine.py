@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from drainctl.config import Config
-from drainctl.connections import Counts, PortCounts
-from drainctl.downcall import DownResult, ProbeResult
-from drainctl.drain import Drain, Phase, Seams
+from drainctl.drain.connections import Counts, PortCounts
+from drainctl.drain.downcall import DownResult, ProbeResult
+from drainctl.drain.machine import Drain, Phase, Seams
 from drainctl.events import Events
+from drainctl.options import Config
 
 
 class FakeClock:

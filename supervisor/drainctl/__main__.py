@@ -14,8 +14,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] in (["run"], ["prestop"]):
         # PID 1, and the hook whose start-up comes out of the grace period: parse with the
         # option table alone (see argv.py), no typer. Anything unusual goes to the typer app.
-        from drainctl import argv as fast
-        from drainctl import commands
+        from drainctl.cli import commands
+        from drainctl.cli import fastparse as fast
 
         try:
             raw, rest = fast.parse(args[0], args[1:])
@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return commands.run(raw, rest)
             if args[0] == "prestop" and not rest:
                 return commands.prestop(raw)
-    from drainctl.cli import app_main
+    from drainctl.cli.app import app_main
 
     return app_main(args)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from drainctl import _downstate
+from drainctl.app import contract as _downstate
 
 TESTS_DIR = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from typing import TextIO
 from urllib.parse import urlsplit
 
-from drainctl import control
-from drainctl.config import OPTIONS, Config, RawValue
+from drainctl.control import channel as control
+from drainctl.options import OPTIONS, Config, RawValue
 
 __all__ = ["EXIT_BROKEN", "EXIT_OK", "check"]
 
@@ -100,7 +100,7 @@ def _auto_ports(status: Mapping[str, object] | None) -> tuple[list[int], str]:
     ports = status.get("ports") if status is not None else None
     if isinstance(ports, list):
         return [int(p) for p in ports], "what the supervisor's app listens on"
-    from drainctl.prestop import auto_ports
+    from drainctl.control.prestop import auto_ports
 
     try:
         return auto_ports(), "auto: PID 1's process tree, else every listening port here"

@@ -23,10 +23,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from typing import Any, Protocol, TypeVar
 
-    from drainctl.config import Config
-    from drainctl.connections import Counts
-    from drainctl.downcall import DownResult, ProbeResult
+    from drainctl.drain.connections import Counts
+    from drainctl.drain.downcall import DownResult, ProbeResult
     from drainctl.events import Events
+    from drainctl.options import Config
 
     T = TypeVar("T")
 

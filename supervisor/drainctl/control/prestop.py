@@ -39,9 +39,9 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from drainctl import control
-from drainctl.config import Config
+from drainctl.control import channel as control
 from drainctl.events import Events, format_json, format_text
+from drainctl.options import Config
 
 __all__ = [
     "EXIT_DRAINED",
@@ -183,7 +183,7 @@ def _relayer(events: Events, log_format: str) -> Callable[[dict[str, Any]], None
 
 def auto_ports() -> list[int]:
     """Standalone auto mode (see the module docstring)."""
-    from drainctl.connections import all_listening_ports, listening_ports
+    from drainctl.drain.connections import all_listening_ports, listening_ports
 
     try:
         os.listdir("/proc/1/fd")
@@ -197,10 +197,10 @@ def _standalone(
 ) -> int | None:
     """Run the drain here. None: another prestop took the address first (join it instead)."""
     # Imported here: the join path (the usual one) starts faster without them.
-    from drainctl import termination
-    from drainctl.drain import Drain
-    from drainctl.signals import Inbox
-    from drainctl.supervise import ThreadRunner, drain_seams
+    from drainctl.drain import termination
+    from drainctl.drain.machine import Drain
+    from drainctl.pid1.signals import Inbox
+    from drainctl.pid1.supervisor import ThreadRunner, drain_seams
 
     inbox = Inbox()
     seams = drain_seams(config, clock, ThreadRunner(inbox), auto_ports)

@@ -344,7 +344,7 @@ def _build(values: Mapping[str, object]) -> Config:
         if item is not None and item[1].strip().lower() not in ("", "off", "none"):
             kwargs[name] = parse_duration(item[1], item[0])
     if (item := text("down_url")) is not None and item[1].strip():
-        from drainctl.downcall import validate_down_url  # httpx-free, imports lazily
+        from drainctl.drain.downcall import validate_down_url  # httpx-free, imports lazily
 
         try:
             kwargs["down_url"] = validate_down_url(item[1].strip())

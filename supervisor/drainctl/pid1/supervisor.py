@@ -18,20 +18,22 @@ import signal
 import threading
 import time
 
-from drainctl import control, reaper, termination
-from drainctl.child import Child, spawn
-from drainctl.drain import Drain, Phase, Seams
-from drainctl.signals import Inbox, SignalWaiter, block_all, signal_name
+from drainctl.control import channel as control
+from drainctl.drain import termination
+from drainctl.drain.machine import Drain, Phase, Seams
+from drainctl.pid1 import reaper
+from drainctl.pid1.signals import Inbox, SignalWaiter, block_all, signal_name
+from drainctl.pid1.spawn import Child, spawn
 
 TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (see drain.py)
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from typing import Any, TypeVar
 
-    from drainctl.config import Config
-    from drainctl.connections import Counter, Counts
-    from drainctl.downcall import DownResult, ProbeResult
+    from drainctl.drain.connections import Counter, Counts
+    from drainctl.drain.downcall import DownResult, ProbeResult
     from drainctl.events import Events
+    from drainctl.options import Config
 
     T = TypeVar("T")
 
@@ -71,7 +73,7 @@ def drain_seams(
 
     def count(ports: Sequence[int], idle_grace: float | None) -> Counts:
         if not counter:
-            from drainctl.connections import make_counter
+            from drainctl.drain.connections import make_counter
 
             counter.append(make_counter())
         return counter[0].count(ports, idle_grace)
@@ -82,7 +84,7 @@ def drain_seams(
     if url is not None:
 
         def call_down(deadline: float) -> DownResult:
-            from drainctl import downcall
+            from drainctl.drain import downcall
 
             return downcall.call_down(
                 url, config.down_method, config.down_timeout, deadline=deadline, clock=clock
@@ -92,7 +94,7 @@ def drain_seams(
             path = config.probe_path
 
             def probe() -> ProbeResult:
-                from drainctl import downcall
+                from drainctl.drain import downcall
 
                 return downcall.probe_connection_close(
                     downcall.probe_url(url, path), timeout=min(2.0, config.down_timeout)
@@ -316,6 +318,6 @@ class Supervisor:
 
 
 def _lookup_ports(pid: int) -> list[int]:
-    from drainctl.connections import listening_ports
+    from drainctl.drain.connections import listening_ports
 
     return listening_ports(pid)

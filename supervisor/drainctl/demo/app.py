@@ -1,6 +1,6 @@
 """The app that `drainctl demo` runs: a small HTTP/1.1 keep-alive server, standard library only.
 
-    python -m drainctl._demoapp --port P [--naive] [--name NAME] [--shutdown-grace S]
+    python -m drainctl.demo.app --port P [--naive] [--name NAME] [--shutdown-grace S]
     drainctl demo --app --port P ...          (the same, from the frozen binary: no python there)
 
 GET /drainctl/down (or /ok.htm?down=true)  the down endpoint; 200 "down"
@@ -32,7 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from urllib.parse import parse_qs, urlparse
 
-from drainctl._downstate import DEFAULT_DOWN_PATH
+from drainctl.app.contract import DEFAULT_DOWN_PATH
 
 __all__ = ["DOWN_PATH", "main"]
 
@@ -106,7 +106,7 @@ class _Server(ThreadingHTTPServer):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="drainctl._demoapp")
+    parser = argparse.ArgumentParser(prog="drainctl.demo.app")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--name", default="app")
     parser.add_argument("--naive", action="store_true")

@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Mapping, Sequence
 
-from drainctl.config import ConfigError, RawValue, parse_duration, parse_port, resolve
+from drainctl.options import ConfigError, RawValue, parse_duration, parse_port, resolve
 
 TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (see drain.py)
 if TYPE_CHECKING:
@@ -42,9 +42,9 @@ def fail(message: str, code: int = EXIT_USAGE) -> int:
 
 
 def run(raw: Mapping[str, RawValue], command: Sequence[str]) -> int:
-    from drainctl.child import SpawnError
     from drainctl.events import Events
-    from drainctl.supervise import Supervisor
+    from drainctl.pid1.spawn import SpawnError
+    from drainctl.pid1.supervisor import Supervisor
 
     if not command:
         return fail("run: no command given (usage: drainctl run [OPTIONS] -- COMMAND [ARG...])")
@@ -60,9 +60,9 @@ def run(raw: Mapping[str, RawValue], command: Sequence[str]) -> int:
 
 
 def prestop(raw: Mapping[str, RawValue]) -> int:
+    from drainctl.control.prestop import PrestopError
+    from drainctl.control.prestop import prestop as drain
     from drainctl.events import Events
-    from drainctl.prestop import PrestopError
-    from drainctl.prestop import prestop as drain
 
     try:
         config = resolve(raw)
@@ -77,7 +77,8 @@ def prestop(raw: Mapping[str, RawValue]) -> int:
 
 
 def status(raw: Mapping[str, RawValue], as_json: bool = False) -> int:
-    from drainctl import control, report
+    from drainctl.control import channel as control
+    from drainctl.control import render as report
 
     try:
         config = resolve(raw)
@@ -105,8 +106,9 @@ def connections(
     """Count like the drain does; without ports, every listening port of this namespace."""
     import time
 
-    from drainctl import control, report
-    from drainctl.connections import all_listening_ports, make_counter
+    from drainctl.control import channel as control
+    from drainctl.control import render as report
+    from drainctl.drain.connections import all_listening_ports, make_counter
 
     try:
         resolve(raw)
@@ -151,7 +153,7 @@ def connections(
 
 
 def check(raw: Mapping[str, RawValue]) -> int:
-    from drainctl.check import check as dry_run
+    from drainctl.cli.check import check as dry_run
 
     try:
         config = resolve(raw)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from drainctl.config import OPTIONS, RawValue
+from drainctl.options import OPTIONS, RawValue
 
 __all__ = ["NotFast", "parse"]
 

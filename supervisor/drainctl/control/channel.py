@@ -64,11 +64,11 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from typing import Any
 
-    from drainctl.config import Config
-    from drainctl.connections import Counts
-    from drainctl.drain import Drain, Runner
+    from drainctl.drain.connections import Counts
+    from drainctl.drain.machine import Drain, Runner
     from drainctl.events import Events
-    from drainctl.supervise import Supervisor
+    from drainctl.options import Config
+    from drainctl.pid1.supervisor import Supervisor
 
 __all__ = [
     "PROTOCOL_VERSION",

@@ -45,7 +45,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from drainctl._demoapp import DOWN_PATH
+from drainctl.demo.app import DOWN_PATH
 
 __all__ = [
     "DemoError",
@@ -137,7 +137,7 @@ def drainctl_command() -> list[str]:
 def app_argv(port: int, name: str, naive: bool) -> list[str]:
     """The demo app; from the frozen binary through its hidden `demo --app` entry."""
     base = [*_self_command(), "demo", "--app"] if _frozen() else [
-        sys.executable, "-m", "drainctl._demoapp"
+        sys.executable, "-m", "drainctl.demo.app"
     ]
     args = [*base, "--port", str(port), "--name", name, "--shutdown-grace", str(SHUTDOWN_GRACE),
             "--max-lifetime", str(APP_LIFETIME)]
@@ -145,7 +145,7 @@ def app_argv(port: int, name: str, naive: bool) -> list[str]:
 
 
 def _environ() -> dict[str, str]:
-    from drainctl.child import child_environ
+    from drainctl.pid1.spawn import child_environ
 
     # The user's DRAINCTL_* settings (DRAINCTL_PORTS, DRAINCTL_DRAIN_TIMEOUT...) are for their
     # pods, not for the demo's: every flag the demo relies on is given on its command lines.
@@ -776,8 +776,8 @@ def _progress(text: str) -> None:
 
 def command(*, as_json: bool, clients: int, slow_clients: int, delay: str) -> int:
     """The CLI's entry: flags in, exit code out (0 expected figures, 1 not, 2 usage, 130 ^C)."""
-    from drainctl.commands import fail
-    from drainctl.config import ConfigError, parse_duration
+    from drainctl.cli.commands import fail
+    from drainctl.options import ConfigError, parse_duration
 
     try:
         seconds = parse_duration(delay, "--delay")

@@ -20,7 +20,7 @@ import os
 
 TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (see drain.py)
 if TYPE_CHECKING:
-    from drainctl.drain import Drain
+    from drainctl.drain.machine import Drain
     from drainctl.events import Events
 
 __all__ = ["MAX_BYTES", "report", "summary", "write"]

@@ -14,8 +14,9 @@ from typing import Any, Optional
 
 import typer
 
-from drainctl import __version__, commands
-from drainctl.config import OPTIONS, Option, RawValue
+from drainctl import __version__
+from drainctl.cli import commands
+from drainctl.options import OPTIONS, Option, RawValue
 
 __all__ = ["app", "app_main"]
 
@@ -127,12 +128,12 @@ def _demo(
     clients terminated the naive way, then under drainctl; a timeline and the failure counts.
     No root, no HAProxy; about 15 seconds."""
     if app_mode:  # the demo's app, run through the frozen binary (there is no python there)
-        from drainctl import _demoapp
+        from drainctl.demo import app as _demoapp
 
         raise typer.Exit(_demoapp.main(ctx.args))
     if ctx.args:
         ctx.fail(f"unexpected argument {ctx.args[0]!r}")
-    from drainctl import demo  # clients, threads, subprocesses: only when the demo runs
+    from drainctl.demo import scenario as demo  # clients, threads, subprocesses: only when the demo runs
 
     raise typer.Exit(demo.command(as_json=as_json, clients=clients, slow_clients=slow_clients,
                                   delay=delay))
