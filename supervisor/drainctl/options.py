@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 
 __all__ = [
     "OPTIONS",
-    "Budget",
     "Config",
     "ConfigError",
     "Option",
@@ -163,68 +162,6 @@ def _split_commas(items: Sequence[str]) -> list[str]:
     return [part.strip() for item in items for part in item.split(",") if part.strip()]
 
 
-class Budget:
-    """The grace-period arithmetic. Offsets are seconds after the trigger (time zero).
-
-    The stop signal goes out no later than `grace_period - stop_timeout`, whatever the other
-    settings say, so the app always keeps its stop-timeout before the kubelet's SIGKILL.
-    """
-
-    __slots__ = ("delay", "drain_timeout", "grace_period", "stop_timeout")
-
-    def __init__(
-        self, grace_period: float, stop_timeout: float, delay: float, drain_timeout: float | None
-    ) -> None:
-        self.grace_period = grace_period
-        self.stop_timeout = stop_timeout
-        self.delay = delay
-        self.drain_timeout = drain_timeout
-
-    @property
-    def stop_deadline(self) -> float:
-        return max(0.0, self.grace_period - self.stop_timeout)
-
-    @property
-    def delay_end(self) -> float:
-        # When the budget is shorter than the delay, the delay is cut to fit (the contract).
-        return min(self.delay, self.stop_deadline)
-
-    def wait_deadline(self, wait_started: float) -> float:
-        """When the connection wait gives up, given the offset at which it started."""
-        if self.drain_timeout is None:
-            return self.stop_deadline
-        return min(wait_started + self.drain_timeout, self.stop_deadline)
-
-    def problems(self) -> list[str]:
-        """What cannot fit, with the numbers (warned about at start-up; `check` fails on them)."""
-        found = []
-        if self.stop_timeout >= self.grace_period:
-            found.append(
-                f"stop-timeout {_s(self.stop_timeout)} >= grace-period {_s(self.grace_period)}: "
-                "no time is left to drain; the stop signal goes out at once"
-            )
-        elif self.delay >= self.stop_deadline:
-            found.append(
-                f"delay {_s(self.delay)} >= grace-period {_s(self.grace_period)} - stop-timeout "
-                f"{_s(self.stop_timeout)} = {_s(self.stop_deadline)}: the delay is cut to "
-                f"{_s(self.stop_deadline)} and no time is left for connections to drain"
-            )
-        elif (
-            self.drain_timeout is not None
-            and self.delay + self.drain_timeout > self.stop_deadline
-        ):
-            found.append(
-                f"delay {_s(self.delay)} + drain-timeout {_s(self.drain_timeout)} > grace-period "
-                f"{_s(self.grace_period)} - stop-timeout {_s(self.stop_timeout)}: the connection "
-                f"wait is cut to {_s(self.stop_deadline - self.delay)}"
-            )
-        return found
-
-
-def _s(seconds: float) -> str:
-    return f"{seconds:g}s"
-
-
 class Config:
     """Validated settings. A plain class, not a dataclass: `run` imports this module, and
     dataclasses (with inspect, ast, dis) cost PID 1 ~18 ms and 2 MiB (bench_startup.py)."""
@@ -279,9 +216,6 @@ class Config:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
         return f"Config({fields})"
 
-    @property
-    def budget(self) -> Budget:
-        return Budget(self.grace_period, self.stop_timeout, self.delay, self.drain_timeout)
 
 
 RawValue = str | bool | Sequence[str] | None

@@ -133,7 +133,9 @@ def _demo(
         raise typer.Exit(_demoapp.main(ctx.args))
     if ctx.args:
         ctx.fail(f"unexpected argument {ctx.args[0]!r}")
-    from drainctl.demo import scenario as demo  # clients, threads, subprocesses: only when the demo runs
+    from drainctl.demo import (
+        scenario as demo,  # clients, threads, subprocesses: only when the demo runs
+    )
 
     raise typer.Exit(demo.command(as_json=as_json, clients=clients, slow_clients=slow_clients,
                                   delay=delay))

@@ -1,6 +1,6 @@
 """`drainctl check`: a dry run for a manifest. Is this configuration workable?
 
-It validates the options against the grace budget (config.Budget.problems()), shows the ports a
+It validates the options against the grace budget (drain/budget.py), shows the ports a
 drain would watch, checks that the down URL's host:port accepts a TCP connection (it connects and
 closes: the URL itself is never called, so the app does not go down), says whether a supervisor
 answers on the control socket and whether the termination log is writable, and prints the
@@ -22,6 +22,7 @@ from typing import TextIO
 from urllib.parse import urlsplit
 
 from drainctl.control import channel as control
+from drainctl.drain.budget import Budget
 from drainctl.options import OPTIONS, Config, RawValue
 
 __all__ = ["EXIT_BROKEN", "EXIT_OK", "check"]
@@ -41,7 +42,7 @@ def check(config: Config, given: Mapping[str, RawValue], out: TextIO | None = No
     def line(label: str, text: str) -> None:
         out.write(f"{label + ':':<17}{text}\n")
 
-    budget = config.budget
+    budget = Budget.of(config)
     wait = budget.stop_deadline - budget.delay_end
     if config.drain_timeout is not None:
         wait = min(wait, config.drain_timeout)

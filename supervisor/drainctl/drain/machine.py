@@ -7,7 +7,7 @@
 Nothing here blocks: the down call, the port lookup and each count run through the injected
 `Runner` (a worker thread in production, inline in the unit tests) and come back as results that
 `tick()` acts on. Every deadline is on the injected monotonic clock, measured from the trigger
-(time zero), and the stop signal is never later than `grace-period - stop-timeout` (config.Budget).
+(time zero), and the stop signal is never later than `grace-period - stop-timeout` (budget.py).
 Every transition goes through `_enter`, which checks the source state and logs the contract's
 event for it.
 """
@@ -15,6 +15,8 @@ event for it.
 from __future__ import annotations
 
 import enum
+
+from drainctl.drain.budget import Budget
 
 # `run` imports this module: no typing or dataclasses at run time (~30 ms and ~3 MiB of PID 1's
 # start-up and memory, benchmarks/bench_startup.py). mypy treats TYPE_CHECKING as true.
@@ -147,7 +149,7 @@ class Drain:
         self.t0: float | None = None
         self.outcome: Outcome | None = None
         self.record = _Record()
-        self._budget = config.budget
+        self._budget = Budget.of(config)
         self._wait = _Wait(ports=list(config.ports) if config.ports else None)
         self._stop_at: float | None = None
         self._kill_at: float | None = None

@@ -20,6 +20,7 @@ import time
 
 from drainctl.control import channel as control
 from drainctl.drain import termination
+from drainctl.drain.budget import Budget
 from drainctl.drain.machine import Drain, Phase, Seams
 from drainctl.pid1 import reaper
 from drainctl.pid1.signals import Inbox, SignalWaiter, block_all, signal_name
@@ -145,7 +146,7 @@ class Supervisor:
             if failed:
                 self.events.emit("warning", message=f"cannot become child subreaper ({failed}): "
                                  "orphans of the app will not be reaped by drainctl")
-        for problem in self.config.budget.problems():
+        for problem in Budget.of(self.config).problems():
             self.events.emit("config.warning", message=problem)
         self.child = child = spawn(self.argv, inherited_mask)
         self.events.emit("child.started", pid=child.pid, argv=self.argv)
