@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from drainctl.drain.budget import Budget
 from drainctl.drain.connections import Counts, PortCounts
 from drainctl.drain.downcall import DownResult, ProbeResult
 from drainctl.drain.machine import Drain, Phase, Seams
@@ -223,7 +224,7 @@ def test_scenario(
     if not world_kwargs.get("down_hangs") and reason not in ("child-exited",) and not (
         reason == "forced" and (stop_at or 0) < config.delay
     ):
-        assert world.down_calls == [pytest.approx(config.budget.delay_end, abs=1e-6)]
+        assert world.down_calls == [pytest.approx(Budget.of(config).delay_end, abs=1e-6)]
     assert drain.phase is Phase.DONE
 
 
