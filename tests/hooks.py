@@ -54,7 +54,7 @@ def exec_in(procs: Processes, pid: int, *args: str, user: int | None = None,
 
 def mnt_ns_address(pid: int) -> str:
     """The default control address of the container whose PID 1 is host pid `pid`."""
-    from drainctl.control.channel import default_address
+    from drainctl.control.protocol import default_address
 
     return default_address(f"/proc/{pid}/ns/mnt")
 

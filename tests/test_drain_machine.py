@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,10 @@ class World:
     stops: list[float] = field(default_factory=list)
     kills: list[float] = field(default_factory=list)
     down_calls: list[float] = field(default_factory=list)
+    cleanups: list[float] = field(default_factory=list)  # SIGTERM to the group after the exit
+    app_exited: bool = False
+    group_left: bool = False  # something of the app's group outlives it
+    group_exits_on_sigterm: bool = True
     t0: float = 1000.0
 
     def t(self) -> float:
@@ -83,13 +88,27 @@ class World:
         self.down_calls.append(self.t())
         return self.down or DownResult("http://x/down", 200, None, 5.0, 1)
 
-    def seams(self) -> Seams:
+    def send(self, signo: int, group: bool) -> int:
+        if signo == signal.SIGKILL:
+            self.kills.append(self.t())
+            self.group_left = False
+        elif signo == signal.SIGTERM and self.app_exited:
+            self.cleanups.append(self.t())
+            if self.group_exits_on_sigterm:
+                self.group_left = False
+        else:
+            self.stops.append(self.t())
+        return -42 if group else 42
+
+    def group_alive(self) -> bool:
+        return not self.app_exited or self.group_left
+
+    def seams(self, supervising: bool = True) -> Seams:
         return Seams(
             clock=self.clock, runner=ScriptRunner(), count=self.count,
             lookup_ports=lambda: list(self.ports), call_down=self.call_down,
             probe=lambda: ProbeResult(self.probe_closes, 200, None),
-            stop=lambda: self.stops.append(self.t()),
-            kill=lambda: (self.kills.append(self.t()), -42)[1],
+            send=self.send if supervising else None, group_alive=self.group_alive,
         )
 
 
@@ -105,8 +124,16 @@ def simulate(
     stream = io.StringIO()
     events = Events("json", stream=stream, clock=world.clock)
     drain = Drain(config, events, world.seams())
+
+    def exit_app(status: int = 0) -> None:
+        world.app_exited = True
+        drain.app_exited(42, status)
+
     todo = sorted(actions)
-    drain.start(trigger)
+    if trigger == "prestop":
+        drain.prestop(None)
+    else:
+        drain.signal(signal.SIGTERM, 1)
     while world.t() < until and drain.phase is not Phase.DONE:
         wake = drain.next_wakeup()
         exit_at = (world.stops[0] + child_exits_after_stop
@@ -119,17 +146,18 @@ def simulate(
         if not candidates:
             break
         world.clock.now = world.t0 + max(world.t(), min(candidates))
-        if exit_at is not None and world.t() >= exit_at:
-            drain.child_exited()
+        if exit_at is not None and world.t() >= exit_at and not world.app_exited:
+            exit_app(signal.SIGTERM)
+            drain.tick()
             continue
         while todo and todo[0][0] <= world.t():
             _, action = todo.pop(0)
             if action == "sigterm":
-                drain.sigterm()
+                drain.signal(signal.SIGTERM, 1)
             elif action == "sigint":
-                drain.interrupt()
+                drain.signal(signal.SIGINT, 1)
             elif action == "exit":
-                drain.child_exited()
+                exit_app()
         drain.tick()
     return drain, [json.loads(line) for line in stream.getvalue().splitlines()]
 
@@ -175,7 +203,10 @@ SCENARIOS: list[tuple[str, Config, dict[str, Any], str, list[tuple[float, str]],
      "SIGTERM", [(3.0, "exit")], "child-exited", None, 0),
     ("app-exits-during-wait", cfg(), {"counts": lambda t: 1},
      "SIGTERM", [(9.0, "exit")], "child-exited", None, 0),
-    ("down-hangs-past-the-budget", cfg(), {"counts": lambda t: 0, "down_hangs": True},
+    # The down call gets at most half of what is left after the delay (7.5 s): then the wait.
+    ("down-hangs-the-wait-still-runs", cfg(), {"counts": lambda t: 0, "down_hangs": True},
+     "SIGTERM", [], "drained", 13.5, 0),
+    ("down-hangs-connections-left", cfg(), {"counts": lambda t: 1, "down_hangs": True},
      "SIGTERM", [], "timeout", 20.0, 0),
     ("down-fails-drain-goes-on", cfg(),
      {"counts": lambda t: 0, "down": DownResult("u", None, "refused", 3.0, 3)},
@@ -231,10 +262,12 @@ def test_scenario(
 def test_event_order_of_a_full_drain() -> None:
     world = World(clock=FakeClock(), counts=lambda t: 2 if t < 6.5 else 0)
     _, events = simulate(cfg(), world)
-    assert names(events) == ["drain.started", "delay.finished", "down.called", "drain.finished"]
+    assert names(events) == ["signal.received", "drain.started", "delay.finished", "down.called",
+                             "drain.finished", "signal.forwarded", "child.exited", "exit"]
     counts = [e["count"] for e in events if e["event"] == "connections"]
     assert counts[0] == 2 and counts[-1] == 0
-    assert events[0]["trigger"] == "SIGTERM" and events[0]["deadline_s"] == 20.0
+    started = events[1]
+    assert started["trigger"] == "SIGTERM" and started["deadline_s"] == 20.0
     down = next(e for e in events if e["event"] == "down.called")
     assert down["status"] == 200 and down["url"] == "http://127.0.0.1:8080/down"
 
@@ -252,7 +285,7 @@ def test_app_ignoring_the_stop_signal_is_killed_at_stop_timeout() -> None:
     drain, _ = simulate(cfg(), world, child_exits_after_stop=None, until=40)
     assert world.stops == [pytest.approx(6.0, abs=0.11)]
     assert world.kills == [pytest.approx(16.0, abs=0.11)]
-    assert drain.phase is Phase.KILLED
+    assert drain.phase is Phase.DONE
 
 
 def test_kill_never_later_than_the_grace_period() -> None:
@@ -286,23 +319,129 @@ def test_transient_count_errors_are_logged() -> None:
 def test_standalone_drain_never_stops_the_app() -> None:
     world = World(clock=FakeClock(), counts=lambda t: 0)
     stream = io.StringIO()
-    seams = world.seams()
-    seams.stop = None
-    seams.kill = None
-    drain = Drain(cfg(), Events("json", stream=stream, clock=world.clock), seams)
-    drain.start("prestop")
+    drain = Drain(cfg(), Events("json", stream=stream, clock=world.clock), world.seams(False))
+    drain.prestop(None)
     while drain.phase is not Phase.DONE:
         wake = drain.next_wakeup()
         assert wake is not None
         world.clock.now = wake
         drain.tick()
     assert drain.outcome is not None and drain.outcome.reason == "drained"
-    assert world.stops == []
+    assert drain.exit_code == 0 and drain.state() == "done"
+    assert world.stops == [] and world.kills == []
 
 
-def test_a_second_start_joins() -> None:
+def test_a_second_prestop_joins() -> None:
     world = World(clock=FakeClock(), counts=lambda t: 1)
     drain = Drain(cfg(), Events("json", stream=io.StringIO(), clock=world.clock), world.seams())
-    assert drain.start("prestop") is True
-    assert drain.start("prestop") is False
-    assert drain.phase is Phase.DELAY
+    assert drain.prestop(None) is False
+    assert drain.prestop(None) is True
+
+
+# ---- the app's exit and what is left of its group --------------------------------------------
+
+
+def run_exit(config: Config, world: World, actions: Sequence[tuple[float, str]],
+             until: float = 60.0) -> tuple[Drain, list[dict[str, Any]]]:
+    return simulate(config, world, actions=actions, child_exits_after_stop=None, until=until)
+
+
+def test_app_exit_without_a_group_exits_at_once_with_its_code() -> None:
+    world = World(clock=FakeClock(), counts=lambda t: 1)
+    drain, events = run_exit(cfg(), world, [(3.0, "exit")])
+    assert drain.phase is Phase.DONE and drain.exit_code == 0
+    assert names(events)[-3:] == ["child.exited", "drain.finished", "exit"]
+    assert world.cleanups == [] and world.kills == []
+
+
+def test_group_left_after_the_exit_gets_sigterm_then_sigkill_at_stop_timeout() -> None:
+    world = World(clock=FakeClock(), counts=lambda t: 1, group_left=True,
+                  group_exits_on_sigterm=False)
+    drain, events = run_exit(cfg(stop_timeout=4.0), world, [(3.0, "exit")])
+    assert world.cleanups == [pytest.approx(3.0)]
+    assert world.kills == [pytest.approx(7.0, abs=0.06)]
+    assert drain.phase is Phase.DONE and drain.exit_code == 0
+    assert names(events)[-5:] == ["child.exited", "drain.finished", "signal.forwarded",
+                                  "kill.escalated", "exit"]
+
+
+def test_group_cleanup_after_a_forwarded_stop_signal_still_gets_its_stop_timeout() -> None:
+    # The stop signal went to the group at 6 s; the app exits at 9 s and leaves a helper: that
+    # helper gets SIGTERM at 9 s and SIGKILL only at 9 + stop-timeout, not at once.
+    world = World(clock=FakeClock(), counts=lambda t: 0, group_left=True,
+                  group_exits_on_sigterm=False)
+    drain, _ = run_exit(cfg(stop_timeout=5.0, grace_period=60.0), world, [(9.0, "exit")])
+    assert world.stops == [pytest.approx(6.0, abs=0.11)]
+    assert world.cleanups == [pytest.approx(9.0)]
+    assert world.kills == [pytest.approx(14.0, abs=0.06)]
+    assert drain.phase is Phase.DONE
+
+
+def test_group_that_leaves_on_sigterm_is_not_killed() -> None:
+    world = World(clock=FakeClock(), counts=lambda t: 1, group_left=True)
+    drain, events = run_exit(cfg(), world, [(3.0, "exit")])
+    assert world.cleanups == [pytest.approx(3.0)] and world.kills == []
+    assert drain.phase is Phase.DONE and "kill.escalated" not in names(events)
+
+
+def test_group_cleanup_never_past_the_grace_period() -> None:
+    world = World(clock=FakeClock(), counts=lambda t: 1, group_left=True,
+                  group_exits_on_sigterm=False)
+    _, _ = run_exit(cfg(grace_period=30.0, stop_timeout=10.0), world, [(25.0, "exit")])
+    assert world.kills == [pytest.approx(30.0, abs=0.06)]
+
+
+def test_app_exit_before_any_trigger_then_prestop_reports_child_exited() -> None:
+    world = World(clock=FakeClock(), counts=lambda t: 0)
+    drain = Drain(cfg(), Events("json", stream=io.StringIO(), clock=world.clock), world.seams())
+    world.app_exited = True
+    drain.app_exited(42, 3 << 8)
+    assert drain.phase is Phase.DONE and drain.exit_code == 3
+    assert drain.prestop(None) is True
+    assert drain.outcome is not None and drain.outcome.reason == "child-exited"
+    assert drain.prestop_code() == 0
+
+
+def test_exit_code_map_and_death_by_signal() -> None:
+    world = World(clock=FakeClock(), counts=lambda t: 0)
+    drain = Drain(cfg(exit_code_map={143: 0}), Events("json", stream=io.StringIO(),
+                  clock=world.clock), world.seams())
+    world.app_exited = True
+    drain.app_exited(42, signal.SIGTERM)  # a wait status of death by SIGTERM
+    assert drain.exit_code == 0
+
+
+def test_killed_app_that_never_exits_is_given_up_on() -> None:
+    world = World(clock=FakeClock(), counts=lambda t: 0)
+    drain, events = simulate(cfg(), world, child_exits_after_stop=None, until=40)
+    assert drain.phase is Phase.DONE and drain.exit_code == 137
+    assert world.kills == [pytest.approx(16.0, abs=0.11)]
+    assert any(e["event"] == "warning" for e in events)
+
+
+def test_signals_outside_a_drain_are_forwarded_and_sigint_never_starts_one() -> None:
+    world = World(clock=FakeClock(), counts=lambda t: 1)
+    stream = io.StringIO()
+    drain = Drain(cfg(), Events("json", stream=stream, clock=world.clock), world.seams())
+    drain.signal(signal.SIGINT, 7)
+    drain.signal(signal.SIGUSR1, 7)
+    assert drain.phase is Phase.IDLE
+    got = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [e["signal"] for e in got if e["event"] == "signal.forwarded"] == ["SIGINT", "SIGUSR1"]
+    assert all(e["pid"] == -42 for e in got if e["event"] == "signal.forwarded")
+
+
+def test_a_failed_forward_is_a_warning_not_a_crash() -> None:
+    world = World(clock=FakeClock(), counts=lambda t: 1)
+    stream = io.StringIO()
+
+    def refuse(signo: int, group: bool) -> int:
+        raise PermissionError(1, "Operation not permitted")
+
+    seams = world.seams()
+    seams.send = refuse
+    drain = Drain(cfg(), Events("json", stream=stream, clock=world.clock), seams)
+    drain.signal(signal.SIGUSR1, 7)
+    got = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [e["event"] for e in got] == ["signal.received", "warning"]
+    assert "not permitted" in got[-1]["message"]

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import TextIO
 from urllib.parse import urlsplit
 
-from drainctl.control import channel as control
+from drainctl.control import client as control
 from drainctl.drain.budget import Budget
 from drainctl.options import OPTIONS, Config, RawValue
 

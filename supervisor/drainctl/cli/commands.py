@@ -42,6 +42,7 @@ def fail(message: str, code: int = EXIT_USAGE) -> int:
 
 
 def run(raw: Mapping[str, RawValue], command: Sequence[str]) -> int:
+    from drainctl.control.server import serve_supervisor
     from drainctl.events import Events
     from drainctl.pid1.spawn import SpawnError
     from drainctl.pid1.supervisor import Supervisor
@@ -54,7 +55,7 @@ def run(raw: Mapping[str, RawValue], command: Sequence[str]) -> int:
         return fail(str(exc))
     events = Events(config.log_format)
     try:
-        return Supervisor(command, config, events).run()
+        return Supervisor(command, config, events, services=[serve_supervisor]).run()
     except SpawnError as exc:
         return fail(str(exc), exc.code)
 
@@ -77,7 +78,7 @@ def prestop(raw: Mapping[str, RawValue]) -> int:
 
 
 def status(raw: Mapping[str, RawValue], as_json: bool = False) -> int:
-    from drainctl.control import channel as control
+    from drainctl.control import client as control
     from drainctl.control import render as report
 
     try:
@@ -106,7 +107,6 @@ def connections(
     """Count like the drain does; without ports, every listening port of this namespace."""
     import time
 
-    from drainctl.control import channel as control
     from drainctl.control import render as report
     from drainctl.drain.connections import all_listening_ports, make_counter
 
@@ -126,7 +126,7 @@ def connections(
                 counts = counter.count(ports or all_listening_ports())
             except OSError as exc:
                 return fail(f"connections: cannot count: {exc}", 1)
-            per_port = control.connections_json(counts)
+            per_port = report.connections_json(counts)
             if as_json:
                 doc: dict[str, Any] = {"ports": per_port, "established": counts.established,
                                        "method": counts.method}

@@ -33,29 +33,22 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import selectors
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
-from drainctl.control import channel as control
+from drainctl import exitcodes
+from drainctl.control.client import Client
+from drainctl.control.protocol import ControlError, NoServer, resolve_address
+from drainctl.drain.machine import prestop_exit_code
 from drainctl.events import Events, format_json, format_text
 from drainctl.options import Config
 
-__all__ = [
-    "EXIT_DRAINED",
-    "EXIT_LEFT",
-    "EXIT_USAGE",
-    "PrestopError",
-    "auto_ports",
-    "pid1_is_supervisor",
-    "prestop",
-]
+__all__ = ["PrestopError", "auto_ports", "pid1_is_supervisor", "prestop"]
 
-EXIT_DRAINED = 0
-EXIT_LEFT = 1
-EXIT_USAGE = 2
+EXIT_LEFT = exitcodes.PRESTOP_LEFT
+EXIT_USAGE = exitcodes.USAGE
 
 # How long past the supervisor's own deadline a joined prestop waits for the result before it
 # gives up (the supervisor finishes the drain at its deadline; this only guards against a hang).
@@ -80,12 +73,12 @@ class PrestopError(Exception):
 
 def prestop(config: Config, events: Events, clock: Callable[[], float] = time.monotonic) -> int:
     """Join the supervisor's drain, or run one standalone. Raises PrestopError."""
-    address = control.resolve_address(config.control_socket)
+    address = resolve_address(config.control_socket)
     relay = _relayer(events, config.log_format)
     for _attempt in range(2):
         try:
             client = _connect(address, clock)
-        except control.NoServer:
+        except NoServer:
             if pid1_is_supervisor():
                 # Draining here too would run two drains, and the SIGTERM's would start late.
                 raise PrestopError(
@@ -96,7 +89,7 @@ def prestop(config: Config, events: Events, clock: Callable[[], float] = time.mo
             if code is not None:
                 return code
             continue  # another prestop bound the address first: join it
-        except control.ControlError as exc:
+        except ControlError as exc:
             raise PrestopError(str(exc), EXIT_USAGE) from exc
         with client:
             return _join(client, relay, clock)
@@ -106,13 +99,13 @@ def prestop(config: Config, events: Events, clock: Callable[[], float] = time.mo
 # ---- with a supervisor ----------------------------------------------------------------------
 
 
-def _connect(address: str, clock: Callable[[], float]) -> control.Client:
+def _connect(address: str, clock: Callable[[], float]) -> Client:
     """Connect; when PID 1 is a supervisor still starting up, give it a moment to listen."""
     deadline = clock() + _STARTUP_GRACE
     while True:
         try:
-            return control.Client(address)
-        except control.NoServer:
+            return Client(address)
+        except NoServer:
             if clock() >= deadline or not pid1_is_supervisor():
                 raise
             time.sleep(0.05)
@@ -132,7 +125,7 @@ def pid1_is_supervisor() -> bool:
 
 
 def _join(
-    client: control.Client, relay: Callable[[dict[str, Any]], None], clock: Callable[[], float]
+    client: Client, relay: Callable[[dict[str, Any]], None], clock: Callable[[], float]
 ) -> int:
     client.send("prestop")
     deadline = [clock() + _ACCEPT_TIMEOUT]
@@ -150,13 +143,13 @@ def _join(
                 code = message.get("code")
                 if isinstance(code, int):
                     return code
-                return control.exit_code(str(message.get("reason")))
+                return prestop_exit_code(str(message.get("reason")))
             elif kind == "error":
                 raise PrestopError(f"{client.address}: {message.get('error')}", EXIT_USAGE)
     except TimeoutError:
         raise PrestopError(f"{client.address}: no result from the supervisor in time",
                            EXIT_LEFT) from None
-    except control.ControlError as exc:
+    except ControlError as exc:
         raise PrestopError(str(exc), EXIT_LEFT) from exc
     raise PrestopError(f"{client.address}: the supervisor closed the channel before the drain "
                        "finished", EXIT_LEFT)
@@ -197,71 +190,41 @@ def _standalone(
 ) -> int | None:
     """Run the drain here. None: another prestop took the address first (join it instead)."""
     # Imported here: the join path (the usual one) starts faster without them.
+    from drainctl.control.server import Server, Target
     from drainctl.drain import termination
+    from drainctl.drain.jobs import real_seams
     from drainctl.drain.machine import Drain
-    from drainctl.pid1.signals import Inbox
-    from drainctl.pid1.supervisor import ThreadRunner, drain_seams
+    from drainctl.pid1.loop import Loop
 
-    inbox = Inbox()
-    seams = drain_seams(config, clock, ThreadRunner(inbox), auto_ports)
-    # seams.stop and seams.kill stay None: the drain ends in DONE and never signals the app.
-    drain = Drain(config, events, seams)
-    selector = selectors.DefaultSelector()
-    selector.register(inbox.read_fd, selectors.EVENT_READ, None)
-
-    def register(fd: int, callback: Callable[[], None]) -> None:
-        selector.register(fd, selectors.EVENT_READ, callback)
-
-    def unregister(fd: int) -> None:
-        selector.unregister(fd)
-
-    target = control.Target(
-        drain=drain, config=config, runner=seams.runner, clock=clock, started_at=clock(),
-        mode="standalone", state=lambda: "done" if drain.finished else "draining",
-        app_pid=lambda: None, app_gone=lambda: False,
-    )
-    server: control.Server | None
+    loop = Loop(clock)
+    # No `send`: the drain ends in DONE and never signals the app.
+    drain = Drain(config, events, real_seams(config, clock, loop.runner, auto_ports))
+    target = Target(drain=drain, mode="standalone", started_at=clock(), app_pid=lambda: None)
+    server: Server | None
     try:
-        server = control.Server.open(address, target, events, register, unregister)
+        server = Server.open(address, target, events, loop)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
+            loop.close()
             return None
         server = None  # e.g. a --control-socket path in a read-only directory: drain anyway
-
-    def wait(timeout: float | None) -> None:
-        for key, _ in selector.select(timeout):
-            if key.data is not None:
-                key.data()
-        for kind, payload in inbox.take():
-            if kind == "job":
-                done, result = cast(tuple[Callable[[object], None], object], payload)
-                done(result)
-
-    def timeout() -> float:
-        now = clock()
-        times = [now + _MAX_SLEEP, drain.next_wakeup(),
-                 None if server is None else server.next_wakeup()]
-        return max(0.0, min(t for t in times if t is not None) - now)
-
+    loop.add(drain)
+    if server is not None:
+        loop.add(server)
     try:
-        drain.start("prestop")
-        while not drain.finished:
-            wait(timeout())
-            drain.tick()
-            if server is not None:
-                server.tick()
-        assert drain.outcome is not None
-        code = control.exit_code(drain.outcome.reason)
+        drain.prestop(None)
+        while not drain.done:
+            loop.turn(max_wait=_MAX_SLEEP)
+        code = drain.exit_code
+        assert code is not None
         termination.report(config.termination_log, drain, clock(), code, events,
                            code_label="prestop exit")
         if server is not None:
-            server.tick()  # joined prestops get the result now...
-            linger = clock() + _LINGER
-            while server.clients and clock() < linger:  # ...and a moment to read it
-                wait(0.05)
-                server.tick()
+            linger = clock() + _LINGER  # joined prestops get a moment to read their result
+            while server.clients and clock() < linger:
+                loop.turn(max_wait=0.05)
         return code
     finally:
         if server is not None:
             server.close()
-        selector.close()
+        loop.close()

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
 
-__all__ = ["connections_line", "connections_table", "status_text"]
+TYPE_CHECKING = False  # status and connections only; the server imports connections_json
+if TYPE_CHECKING:
+    from typing import Any
+
+    from drainctl.drain.connections import Counts
+
+__all__ = ["connections_json", "connections_line", "connections_table", "status_text"]
 
 
 def status_text(fields: Mapping[str, Any]) -> str:
@@ -90,3 +95,16 @@ def _duration(value: object) -> str:
         return f"{minutes}m{secs:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
+
+
+def connections_json(counts: Counts, with_idle: bool = False) -> dict[str, dict[str, int]]:
+    """Per port, port numbers as strings (CONTRACT: `connections --json`)."""
+    out: dict[str, dict[str, int]] = {}
+    for port in sorted(counts.ports):
+        each = counts.ports[port]
+        entry = {"established": each.established, "close_wait": each.close_wait,
+                 "other": each.other}
+        if with_idle:
+            entry["idle"] = each.idle
+        out[str(port)] = entry
+    return out

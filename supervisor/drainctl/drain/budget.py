@@ -46,6 +46,18 @@ class Budget:
             return self.stop_deadline
         return min(wait_started + self.drain_timeout, self.stop_deadline)
 
+    def down_deadline(self, started: float, down_timeout: float) -> float:
+        """When the down phase gives up (an offset), given the offset at which it started.
+
+        Its own share of the budget, so the connection wait always gets time: at most what the
+        down call's attempts take (downcall.longest_call), and at most half of what is left
+        until the stop signal.
+        """
+        from drainctl.drain.downcall import longest_call
+
+        left = max(0.0, self.stop_deadline - started)
+        return started + min(longest_call(down_timeout), left / 2)
+
     def problems(self) -> list[str]:
         """What cannot fit, with the numbers (warned about at start-up; `check` fails on them)."""
         found = []

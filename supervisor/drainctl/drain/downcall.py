@@ -28,6 +28,7 @@ __all__ = [
     "DownResult",
     "ProbeResult",
     "call_down",
+    "longest_call",
     "probe_connection_close",
     "probe_url",
     "validate_down_url",
@@ -37,6 +38,7 @@ __all__ = [
 # seconds a drain gives the down call.
 _BACKOFF_FIRST_S = 0.2
 _BACKOFF_MAX_S = 2.0
+DEFAULT_ATTEMPTS = 3
 # An attempt with less time than this is unlikely to connect and get an answer on a busy node;
 # starting it would mostly add a timeout to the log. The deadline "leaves no room" below this.
 _MIN_ATTEMPT_S = 0.05
@@ -86,6 +88,17 @@ class ProbeResult:
         )
 
 
+def longest_call(timeout: float, attempts: int = DEFAULT_ATTEMPTS) -> float:
+    """The longest `call_down` takes with these settings: every attempt times out, with back-off."""
+    backoff, total = _BACKOFF_FIRST_S, 0.0
+    for i in range(attempts):
+        total += timeout
+        if i < attempts - 1:
+            total += backoff
+            backoff = min(backoff * 2, _BACKOFF_MAX_S)
+    return total
+
+
 def validate_down_url(url: str) -> str:
     """Return `url` if the down call can be made to it, else raise ValueError (one line).
 
@@ -127,7 +140,7 @@ def call_down(
     timeout: float = 5.0,
     *,
     deadline: float | None = None,
-    attempts: int = 3,
+    attempts: int = DEFAULT_ATTEMPTS,
     transport: httpx.BaseTransport | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,

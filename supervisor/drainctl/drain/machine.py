@@ -1,25 +1,34 @@
-"""The drain: one explicit state machine, driven by the supervisor's loop.
+"""The drain: every rule of the shutdown, from the trigger to drainctl's exit, in one machine.
 
-    IDLE -> DELAY -> DOWN -> WAITING -> (drain.finished) -> STOPPING -> KILLED -> DONE
-                 \\__________/                          \\-> AWAIT_SIGTERM (prestop trigger)
-                                                        \\-> DONE (standalone prestop)
+    IDLE --trigger--> DELAY -> DOWN -> WAITING --drain.finished--> STOPPING -> KILLED
+                        \\_______________/    \\--> AWAIT_SIGTERM (prestop) --> STOPPING
+                                              \\--> DONE (standalone prestop: never signals)
+    the app exits, from any phase:  --> CLEANUP (what is left of its group) --> DONE (exit)
 
-Nothing here blocks: the down call, the port lookup and each count run through the injected
-`Runner` (a worker thread in production, inline in the unit tests) and come back as results that
-`tick()` acts on. Every deadline is on the injected monotonic clock, measured from the trigger
-(time zero), and the stop signal is never later than `grace-period - stop-timeout` (budget.py).
-Every transition goes through `_enter`, which checks the source state and logs the contract's
-event for it.
+The hosts (`drainctl run` in pid1/supervisor.py, the standalone `prestop` in control/prestop.py)
+only feed it facts: a signal received, the app started or exited, a prestop joined, and the
+results of the jobs it asked for (port lookup, down call, probe, counts); and they carry out what
+it asks through the seams: run a job, send a signal, is the group alive. Nothing here blocks:
+jobs run in the host's runner (worker threads) and come back to `tick()`. Every deadline is on
+the injected monotonic clock, measured from the trigger (time zero), and follows the budget
+(budget.py): the stop signal never later than `grace-period - stop-timeout`, SIGKILL never past
+the grace period. Every phase change goes through `_enter`, which checks the source phase and
+logs the event for it; signals go out through `_send`, which logs them. The events and their
+fields are listed in docs/interface.md.
 """
 
 from __future__ import annotations
 
 import enum
+import os
+import signal
 
+from drainctl import exitcodes
 from drainctl.drain.budget import Budget
+from drainctl.signames import signal_name
 
-# `run` imports this module: no typing or dataclasses at run time (~30 ms and ~3 MiB of PID 1's
-# start-up and memory, benchmarks/bench_startup.py). mypy treats TYPE_CHECKING as true.
+# `run` imports this module: no typing or dataclasses at run time (PID 1's start-up,
+# benchmarks/bench_startup.py). mypy treats TYPE_CHECKING as true.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -36,21 +45,23 @@ if TYPE_CHECKING:
         def submit(self, work: Callable[[], T], done: Callable[[T | Exception], None]) -> None:
             ...
 
-__all__ = ["Drain", "InlineRunner", "Outcome", "Phase", "Seams"]
+__all__ = ["Drain", "Outcome", "Phase", "Seams"]
 
 
 class Phase(enum.Enum):
-    IDLE = "idle"
-    DELAY = "delay"
-    DOWN = "down"
-    WAITING = "waiting"
+    IDLE = "idle"  # the app runs; no trigger yet
+    DELAY = "delay"  # endpoint removal propagates
+    DOWN = "down"  # the down call is under way
+    WAITING = "waiting"  # for the connections to reach zero
     AWAIT_SIGTERM = "await-sigterm"  # drained after prestop; the kubelet's SIGTERM comes next
-    STOPPING = "stopping"  # stop signal sent, waiting for the app to exit
-    KILLED = "killed"  # SIGKILL sent, waiting for the exit
-    DONE = "done"
+    STOPPING = "stopping"  # stop signal sent; the app has its stop-timeout
+    KILLED = "killed"  # SIGKILL sent to the app's group
+    CLEANUP = "cleanup"  # the app exited; what is left of its group gets SIGTERM, then SIGKILL
+    DONE = "done"  # over: the host exits (or returns) with `exit_code`
 
 
 DRAINING = frozenset({Phase.DELAY, Phase.DOWN, Phase.WAITING})
+_APP_ALIVE = DRAINING | {Phase.IDLE, Phase.AWAIT_SIGTERM, Phase.STOPPING}
 
 _ALLOWED: dict[Phase, frozenset[Phase]] = {
     Phase.DELAY: frozenset({Phase.IDLE}),
@@ -58,38 +69,46 @@ _ALLOWED: dict[Phase, frozenset[Phase]] = {
     Phase.WAITING: frozenset({Phase.DELAY, Phase.DOWN}),
     Phase.AWAIT_SIGTERM: DRAINING,
     Phase.STOPPING: DRAINING | {Phase.AWAIT_SIGTERM},
-    Phase.KILLED: frozenset({Phase.STOPPING}),
+    Phase.KILLED: frozenset({Phase.STOPPING, Phase.CLEANUP}),
+    Phase.CLEANUP: _APP_ALIVE,
     Phase.DONE: frozenset(Phase) - {Phase.DONE},
 }
 
+# After the app's exit, how often to look whether anything of its group is left (no event tells
+# when a grandchild whose parent is alive exits), and how long to wait for a process to vanish
+# after SIGKILL (one in uninterruptible sleep may take a while; exiting ends it anyway).
+GROUP_POLL = 0.05
+AFTER_KILL = 2.0
 
-class InlineRunner:
-    """Runs work at once in the caller: for unit tests and for callers with nothing to overlap."""
+_REASONS_OK = frozenset({"drained", "no-ports", "child-exited", "forced"})
 
-    def submit(self, work: Callable[[], T], done: Callable[[T | Exception], None]) -> None:
-        try:
-            result: T | Exception = work()
-        except Exception as exc:
-            result = exc
-        done(result)
+
+def prestop_exit_code(reason: str) -> int:
+    """prestop's exit code for a drain's reason: 1 only when the deadline left connections."""
+    return exitcodes.OK if reason in _REASONS_OK else exitcodes.PRESTOP_LEFT
 
 
 class Seams:
-    """What the drain does to the world, passed in (STYLE: seams, not monkeypatching)."""
+    """What the drain does to the world, passed in (seams, not monkeypatching).
 
-    __slots__ = ("call_down", "clock", "count", "kill", "lookup_ports", "prepare", "probe",
-                 "runner", "stop")
+    `send(signo, group)` signals the app (`group`: its process group) and returns the pid it went
+    to (negative: the group, as in kill(2)); it raises ProcessLookupError when nothing is left
+    and another OSError when it failed. `send` None: a standalone prestop, which never signals.
+    """
+
+    __slots__ = ("call_down", "clock", "count", "group_alive", "lookup_ports", "prepare", "probe",
+                 "runner", "send")
 
     def __init__(
         self,
         clock: Callable[[], float],
         runner: Runner,
         count: Callable[[Sequence[int], float | None], Counts],
-        lookup_ports: Callable[[], list[int]],  # the app tree's listening ports (auto mode)
+        lookup_ports: Callable[[], list[int]],  # the app's listening ports (auto mode)
         call_down: Callable[[float], DownResult] | None = None,  # arg: deadline on clock
         probe: Callable[[], ProbeResult] | None = None,
-        stop: Callable[[], None] | None = None,  # sends the stop signal; None: standalone
-        kill: Callable[[], int] | None = None,  # sends SIGKILL; returns the pid it went to
+        send: Callable[[int, bool], int] | None = None,
+        group_alive: Callable[[], bool] = lambda: False,
         prepare: Callable[[], object] | None = None,  # warm-up at the trigger, off the loop
     ) -> None:
         self.clock = clock
@@ -98,8 +117,8 @@ class Seams:
         self.lookup_ports = lookup_ports
         self.call_down = call_down
         self.probe = probe
-        self.stop = stop
-        self.kill = kill
+        self.send = send
+        self.group_alive = group_alive
         self.prepare = prepare
 
 
@@ -122,6 +141,7 @@ class _Wait:
         self.ports = ports  # None: not looked up yet
         self.lookups = 0
         self.lookup_pending = False
+        self.looked_up_at: float | None = None
         self.count_pending = False
         self.next_count_at = 0.0
         self.last: Counts | None = None
@@ -130,12 +150,12 @@ class _Wait:
         self.last_event_key: tuple[int, ...] | None = None
 
 
-class _Record:
+class Record:
     """What happened, for the termination message and `status`."""
 
     def __init__(self) -> None:
         self.trigger: str | None = None
-        self.phases: list[tuple[str, float]] = []  # (phase, offset from t0)
+        self.phases: list[tuple[str, float]] = []  # (phase, offset from t0), from the trigger
         self.down: dict[str, Any] | None = None
         self.probe_warning: str | None = None
 
@@ -148,68 +168,97 @@ class Drain:
         self.phase = Phase.IDLE
         self.t0: float | None = None
         self.outcome: Outcome | None = None
-        self.record = _Record()
+        self.record = Record()
+        self.exit_code: int | None = None  # set on DONE
+        self.app_status: int | None = None  # the app's wait status once it exited
         self._budget = Budget.of(config)
         self._wait = _Wait(ports=list(config.ports) if config.ports else None)
-        self._stop_at: float | None = None
-        self._kill_at: float | None = None
-        self._wait_deadline: float | None = None
+        self._stop_at: float | None = None  # the stop signal's deadline (time zero + budget)
+        self._down_until: float | None = None  # the down phase's own share of the budget
+        self._wait_until: float | None = None  # the connection wait's deadline
+        self._kill_at: float | None = None  # SIGKILL (STOPPING, CLEANUP)
+        self._give_up_at: float | None = None  # after SIGKILL: stop waiting for the group
         self._down_result: DownResult | Exception | None = None
+        self._down_token = 0
         self._sigterm_seen = False
 
-    # ---- inputs -------------------------------------------------------------------------------
+    @property
+    def supervising(self) -> bool:
+        """Whether this drain may signal the app (`drainctl run`), not a standalone prestop."""
+        return self.seams.send is not None
 
-    def start(self, trigger: str) -> bool:
-        """The trigger (SIGTERM or prestop). False if a drain already started: join it."""
-        if self.phase is not Phase.IDLE:
-            return False
-        self.t0 = self.seams.clock()
-        self.record.trigger = trigger
-        self._stop_at = self.t0 + self._budget.stop_deadline
-        self._enter(Phase.DELAY, "drain.started", trigger=trigger,
-                    deadline_s=round(self._budget.stop_deadline, 3))
-        if self.seams.prepare is not None:
-            self.seams.runner.submit(self.seams.prepare, lambda _: None)
-        if self._wait.ports is None:
-            self._lookup_ports()
-        self.tick()
-        return True
+    # ---- facts from the host -------------------------------------------------------------------
 
-    def sigterm(self) -> bool:
-        """A SIGTERM reached the supervisor. False: not the drain's business, forward it as is.
+    def check_budget(self) -> None:
+        """At start-up: warn about a configuration that cannot fit, with the numbers."""
+        for problem in self._budget.problems():
+            self.events.emit("config.warning", message=problem)
 
-        The first starts the drain, or joins one that `prestop` started (they share one drain);
-        a second one during the drain forces it (`forced`); after a prestop drain it is the
-        kubelet's, and the stop signal goes out at once.
+    def app_started(self, pid: int, argv: Sequence[str]) -> None:
+        self.events.emit("child.started", pid=pid, argv=list(argv))
+
+    def signal(self, signo: int, sender: int) -> None:
+        """A signal reached the supervisor (never SIGCHLD: that is the host's reaping).
+
+        SIGTERM starts the drain, or joins a drain `prestop` started (they share one drain); a
+        second one during the drain forces it (`forced`); after a prestop drain it is the
+        kubelet's, and the stop signal goes out at once. SIGINT forces a running drain and is
+        forwarded otherwise (Ctrl-C). Every other signal is forwarded at once.
         """
-        if self.phase is Phase.IDLE:
-            return self.start("SIGTERM")
-        if self.phase in DRAINING:
-            if self.record.trigger == "prestop" and not self._sigterm_seen:
-                self._sigterm_seen = True
-            else:
-                self._finish("forced")
-            return True
-        if self.phase is Phase.AWAIT_SIGTERM:
-            self._stop()
-            return True
-        return False
-
-    def interrupt(self) -> bool:
-        """A SIGINT: forces a running drain; outside one it is forwarded (interactive Ctrl-C)."""
-        if self.phase in DRAINING:
+        self.events.emit("signal.received", signal=signal_name(signo), sender=sender)
+        if self.phase is Phase.DONE:
+            return
+        if signo == signal.SIGTERM:
+            if self.phase is Phase.IDLE:
+                self._start("SIGTERM")
+                return
+            if self.phase in DRAINING:
+                if self.record.trigger == "prestop" and not self._sigterm_seen:
+                    self._sigterm_seen = True
+                else:
+                    self._finish("forced")
+                return
+            if self.phase is Phase.AWAIT_SIGTERM:
+                self._stop()
+                return
+        elif signo == signal.SIGINT and self.phase in DRAINING:
             self._finish("forced")
+            return
+        self._forward(signo)
+
+    def prestop(self, pid: int | None) -> bool:
+        """A prestop asked to drain (`pid`: the hook's; None: this process is that prestop).
+
+        False if it started the drain; True if it joined one that had started (or is over).
+        """
+        joined = self.t0 is not None
+        if not joined and self.phase is not Phase.IDLE:
+            # The app is gone and no drain ever ran: nothing is left to drain.
+            self.outcome = Outcome("child-exited", 0, 0.0)
             return True
-        return False
+        if pid is not None:
+            self.events.emit("prestop.received", pid=pid, joined=joined)
+        if not joined:
+            self._start("prestop")
+        return joined
 
-    def child_exited(self) -> None:
-        """The app is gone: everything ends at once."""
+    def app_exited(self, pid: int, status: int) -> None:
+        """The app (our direct child) exited: the drain ends; its group is cleaned up."""
+        self.app_status = status
+        fields: dict[str, Any] = {"pid": pid}
+        if os.WIFSIGNALED(status):
+            fields["signal"] = signal_name(os.WTERMSIG(status))
+        else:
+            fields["code"] = os.waitstatus_to_exitcode(status)
+        self.events.emit("child.exited", **fields)
         if self.phase in DRAINING:
-            self._finish("child-exited", then_stop=False)
-        if self.phase is not Phase.DONE and self.phase is not Phase.IDLE:
-            self._enter(Phase.DONE)
+            self._finish("child-exited")
+        elif self.phase in _APP_ALIVE:
+            self._cleanup()
+        elif self.phase is Phase.KILLED and not self.seams.group_alive():
+            self._done()
 
-    # ---- the clock ----------------------------------------------------------------------------
+    # ---- the clock -----------------------------------------------------------------------------
 
     def tick(self) -> None:
         """Advance on time and on results that came back; call after every wake-up."""
@@ -225,27 +274,43 @@ class Drain:
             self._finish("drained" if self._holding() == 0 else "timeout")
         if self.phase is Phase.AWAIT_SIGTERM and self._stop_at is not None and now >= self._stop_at:
             self._stop()
-        if self.phase is Phase.STOPPING and self._kill_at is not None and now >= self._kill_at:
-            assert self.seams.kill is not None
-            self._enter(Phase.KILLED, "kill.escalated", pid=self.seams.kill())
+        if self.phase in (Phase.STOPPING, Phase.CLEANUP):
+            if self.phase is Phase.CLEANUP and not self.seams.group_alive():
+                self._done()
+            elif self._kill_at is not None and now >= self._kill_at:
+                self._kill()
+        if self.phase is Phase.KILLED:
+            if self.app_status is not None and not self.seams.group_alive():
+                self._done()
+            elif self._give_up_at is not None and now >= self._give_up_at:
+                self.events.emit("warning", message=f"the app's process group is still there "
+                                 f"{AFTER_KILL:g}s after SIGKILL: exiting anyway")
+                self._done()
 
     def next_wakeup(self) -> float | None:
         """The next moment `tick()` has something to do (absolute, on the clock); None: never."""
         times: list[float] = []
-        if self.phase is Phase.DELAY:
+        phase = self.phase
+        if phase is Phase.DELAY:
             times.append(self._offset(self._budget.delay_end))
-        if self.phase in DRAINING | {Phase.AWAIT_SIGTERM} and self._stop_at is not None:
+        if phase is Phase.DOWN and self._down_until is not None:
+            times.append(self._down_until)
+        if phase in DRAINING | {Phase.AWAIT_SIGTERM} and self._stop_at is not None:
             times.append(self._stop_at)
-        if self.phase is Phase.WAITING:
-            if self._wait_deadline is not None:
-                times.append(self._wait_deadline)
+        if phase is Phase.WAITING:
+            if self._wait_until is not None:
+                times.append(self._wait_until)
             if not self._wait.count_pending and self._wait.ports:
                 times.append(self._wait.next_count_at)
-        if self.phase is Phase.STOPPING and self._kill_at is not None:
+        if phase in (Phase.STOPPING, Phase.CLEANUP) and self._kill_at is not None:
             times.append(self._kill_at)
+        if phase is Phase.KILLED and self._give_up_at is not None:
+            times.append(self._give_up_at)
+        if phase is Phase.CLEANUP or (phase is Phase.KILLED and self.app_status is not None):
+            times.append(self.seams.clock() + GROUP_POLL)
         return min(times) if times else None
 
-    # ---- what the outside may read ------------------------------------------------------------
+    # ---- what the outside may read -------------------------------------------------------------
 
     @property
     def draining(self) -> bool:
@@ -253,19 +318,68 @@ class Drain:
 
     @property
     def finished(self) -> bool:
+        """The drain itself is over (the app may still be stopping)."""
         return self.outcome is not None
+
+    @property
+    def done(self) -> bool:
+        return self.phase is Phase.DONE
 
     @property
     def ports(self) -> list[int] | None:
         return self._wait.ports
 
     def time_left(self) -> float | None:
-        """Seconds until the stop signal must go out."""
-        if self._stop_at is None:
+        """Seconds until the stop signal must go out (while it has not)."""
+        if self._stop_at is None or not (self.draining or self.phase is Phase.AWAIT_SIGTERM):
             return None
         return max(0.0, self._stop_at - self.seams.clock())
 
-    # ---- phases -------------------------------------------------------------------------------
+    def state(self) -> str:
+        """The state `status` reports: running, draining, stopping, exiting (or done)."""
+        phase = self.phase
+        if phase is Phase.IDLE:
+            return "running"
+        if phase in DRAINING or phase is Phase.AWAIT_SIGTERM:
+            return "draining"
+        if not self.supervising:
+            return "done"
+        if phase in (Phase.CLEANUP, Phase.DONE) or self.app_status is not None:
+            return "exiting"
+        return "stopping"
+
+    def status(self) -> dict[str, Any]:
+        """The drain's part of `drainctl status --json`."""
+        now = self.seams.clock()
+        left = self.time_left()
+        outcome = self.outcome
+        return {
+            "state": self.state(),
+            "phase": self.phase.value,
+            "trigger": self.record.trigger,
+            "drain_elapsed_s": None if self.t0 is None else round(now - self.t0, 3),
+            "time_left_s": None if left is None else round(left, 3),
+            "outcome": None if outcome is None else {
+                "reason": outcome.reason, "count": outcome.count, "elapsed_s": outcome.elapsed_s},
+        }
+
+    def prestop_code(self) -> int | None:
+        """What `prestop` exits with, once the drain has finished."""
+        return None if self.outcome is None else prestop_exit_code(self.outcome.reason)
+
+    # ---- the drain -----------------------------------------------------------------------------
+
+    def _start(self, trigger: str) -> None:
+        self.t0 = self.seams.clock()
+        self.record.trigger = trigger
+        self._stop_at = self.t0 + self._budget.stop_deadline
+        self._enter(Phase.DELAY, "drain.started", trigger=trigger,
+                    deadline_s=round(self._budget.stop_deadline, 3))
+        if self.seams.prepare is not None:
+            self.seams.runner.submit(self.seams.prepare, lambda _: None)
+        if self._wait.ports is None:
+            self._lookup_ports()
+        self.tick()
 
     def _after_delay(self) -> Phase:
         return Phase.DOWN if self.seams.call_down is not None and self.config.down_url else (
@@ -274,22 +388,32 @@ class Drain:
 
     def _start_phase(self) -> None:
         if self.phase is Phase.DOWN:
-            assert self.seams.call_down is not None and self._stop_at is not None
-            call, deadline = self.seams.call_down, self._stop_at
-            self.seams.runner.submit(lambda: call(deadline), self._down_done)
+            assert self.seams.call_down is not None and self.t0 is not None
+            call = self.seams.call_down
+            self._down_until = self.t0 + self._budget.down_deadline(
+                self.seams.clock() - self.t0, self.config.down_timeout)
+            deadline, token = self._down_until, self._down_token
+            self.seams.runner.submit(lambda: call(deadline),
+                                     lambda result: self._down_done(result, token))
         elif self.phase is Phase.WAITING:
             self._start_wait()
 
-    def _down_done(self, result: DownResult | Exception) -> None:
-        self._down_result = result
+    def _down_done(self, result: DownResult | Exception, token: int) -> None:
+        if token == self._down_token:
+            self._down_result = result
 
     def _tick_down(self, now: float) -> None:
         result = self._down_result
-        if result is None:
-            return
-        self._down_result = None
         fields: dict[str, Any] = {"url": self.config.down_url}
-        if isinstance(result, Exception):  # call_down never raises; this is a bug guard
+        if result is None:
+            if self._down_until is None or now < self._down_until:
+                return
+            # The call did not come back within its share of the budget: the connection wait
+            # gets the rest; a late answer is ignored.
+            self._down_token += 1
+            fields.update(error="timeout", elapsed_ms=round(
+                (now - self._offset(self._budget.delay_end)) * 1000.0, 1))
+        elif isinstance(result, Exception):  # call_down never raises; this is a bug guard
             fields.update(error=f"{type(result).__name__}: {result}", elapsed_ms=0.0)
         else:
             if result.status is not None:
@@ -299,10 +423,12 @@ class Drain:
             fields["elapsed_ms"] = round(result.elapsed_ms, 1)
             if result.attempts > 1:
                 fields["attempts"] = result.attempts
+        self._down_result = None
         self.record.down = dict(fields)
         self._enter(Phase.WAITING, "down.called", **fields)
         if (
-            not isinstance(result, Exception)
+            result is not None
+            and not isinstance(result, Exception)
             and result.ok
             and self.seams.probe is not None
             and self.config.probe_path is not None
@@ -321,22 +447,24 @@ class Drain:
     def _start_wait(self) -> None:
         assert self.t0 is not None
         now = self.seams.clock()
-        self._wait_deadline = self.t0 + self._budget.wait_deadline(now - self.t0)
-        self._wait.next_count_at = now
-        if self._wait.ports == [] and not self._wait.lookup_pending:
+        self._wait_until = self.t0 + self._budget.wait_deadline(now - self.t0)
+        wait = self._wait
+        wait.next_count_at = now
+        if wait.ports == [] and not wait.lookup_pending and wait.looked_up_at is not None and (
+            wait.looked_up_at < now
+        ):
             self._lookup_ports()  # none at the trigger: the app may have opened one since
         self._tick_wait(now)
 
     def _tick_wait(self, now: float) -> None:
         wait = self._wait
-        # Results can arrive inline (InlineRunner) and finish the wait under our feet.
+        # Results can arrive inline (an inline runner) and finish the wait under our feet.
         if self.phase is not Phase.WAITING or wait.ports is None or wait.lookup_pending:
             return
         if not wait.ports:
-            if wait.lookups >= 2:
-                self._finish("no-ports")
+            self._finish("no-ports")
             return
-        if self._wait_deadline is not None and now >= self._wait_deadline:
+        if self._wait_until is not None and now >= self._wait_until:
             self._finish("drained" if self._holding() == 0 else "timeout")
             return
         if not wait.count_pending and now >= wait.next_count_at:
@@ -379,14 +507,14 @@ class Drain:
             wait.zero_since = None
 
     def _lookup_ports(self) -> None:
-        wait = self._wait
-        wait.lookup_pending = True
+        self._wait.lookup_pending = True
         self.seams.runner.submit(self.seams.lookup_ports, self._ports_found)
 
     def _ports_found(self, result: list[int] | Exception) -> None:
         wait = self._wait
         wait.lookup_pending = False
         wait.lookups += 1
+        wait.looked_up_at = self.seams.clock()
         if isinstance(result, Exception):
             self.events.emit("connections.error", error=f"port lookup: {result}")
             result = []
@@ -401,51 +529,96 @@ class Drain:
         last = self._wait.last
         return None if last is None else last.holding
 
-    # ---- the end ------------------------------------------------------------------------------
+    # ---- the end -------------------------------------------------------------------------------
 
-    def _finish(self, reason: str, then_stop: bool = True) -> None:
+    def _finish(self, reason: str) -> None:
+        """The drain is over; what comes next depends on who triggered it and who we are."""
         assert self.t0 is not None
         if self.outcome is not None:
             return
-        now = self.seams.clock()
         last = self._wait.last
-        count = None if last is None else last.established
-        if reason == "no-ports":
-            count = 0
-        self.outcome = Outcome(reason, count, self._elapsed(now))
-        if not then_stop:
-            self.events.emit("drain.finished", reason=reason, count=count,
-                             elapsed_s=self.outcome.elapsed_s)
-            self.record.phases.append(("finished", self.outcome.elapsed_s))
-            return
-        if self.seams.stop is None:
-            self._enter(Phase.DONE, "drain.finished", reason=reason, count=count,
-                        elapsed_s=self.outcome.elapsed_s)
+        count = 0 if reason == "no-ports" else (None if last is None else last.established)
+        self.outcome = Outcome(reason, count, self._elapsed(self.seams.clock()))
+        fields = {"reason": reason, "count": count, "elapsed_s": self.outcome.elapsed_s}
+        if reason == "child-exited":
+            self._cleanup("drain.finished", fields)
+        elif not self.supervising:
+            self._enter(Phase.DONE, "drain.finished", **fields)
+            self.exit_code = prestop_exit_code(reason)
         elif self.record.trigger == "prestop" and not self._sigterm_seen and reason != "forced":
-            self._enter(Phase.AWAIT_SIGTERM, "drain.finished", reason=reason, count=count,
-                        elapsed_s=self.outcome.elapsed_s)
+            self._enter(Phase.AWAIT_SIGTERM, "drain.finished", **fields)
         else:
-            self.events.emit("drain.finished", reason=reason, count=count,
-                             elapsed_s=self.outcome.elapsed_s)
-            self._stop()
+            self._stop("drain.finished", fields)
 
-    def _stop(self) -> None:
-        assert self.seams.stop is not None and self.t0 is not None
+    def _stop(self, event: str | None = None, fields: dict[str, Any] | None = None) -> None:
+        assert self.t0 is not None
         now = self.seams.clock()
         # The app keeps its stop-timeout, but never past the grace period: the kubelet's SIGKILL
         # comes then anyway, and ours lets us report it.
         self._kill_at = min(now + self.config.stop_timeout, self.t0 + self.config.grace_period)
-        self._enter(Phase.STOPPING)
-        self.seams.stop()
+        self._enter(Phase.STOPPING, event, **(fields or {}))
+        self._forward(self.config.stop_signal)
 
-    # ---- the one place a phase changes ----------------------------------------------------------
+    def _kill(self) -> None:
+        target = self._send(signal.SIGKILL, group=True, event=None)
+        self._give_up_at = self.seams.clock() + AFTER_KILL
+        self._enter(Phase.KILLED, "kill.escalated", pid=target)
+
+    def _cleanup(self, event: str | None = None, fields: dict[str, Any] | None = None) -> None:
+        """The app exited: what is left of its group gets SIGTERM, and SIGKILL at stop-timeout
+        (never past the grace period); a signal forwarded earlier does not shorten that."""
+        if self.phase is Phase.KILLED:
+            return
+        now = self.seams.clock()
+        self._kill_at = now + self.config.stop_timeout
+        if self.t0 is not None:
+            self._kill_at = min(self._kill_at, self.t0 + self.config.grace_period)
+        self._enter(Phase.CLEANUP, event, **(fields or {}))
+        if self.supervising and self.seams.group_alive():
+            self._send(signal.SIGTERM, group=True)
+        if not (self.supervising and self.seams.group_alive()):
+            self._done()
+
+    def _done(self) -> None:
+        if self.supervising:
+            code = exitcodes.from_wait_status(self.app_status) if self.app_status is not None else (
+                128 + signal.SIGKILL)
+            self.exit_code = self.config.exit_code_map.get(code, code)
+            self._enter(Phase.DONE, "exit", code=self.exit_code)
+        else:
+            self._enter(Phase.DONE)
+
+    # ---- signals out ---------------------------------------------------------------------------
+
+    def _forward(self, signo: int) -> None:
+        """To the app's process group (or the app alone with --single-child, while it lives)."""
+        if not self.supervising:
+            return
+        group = not self.config.single_child or self.app_status is not None
+        self._send(signo, group=group)
+
+    def _send(self, signo: int, group: bool, event: str | None = "signal.forwarded") -> int:
+        assert self.seams.send is not None
+        try:
+            target = self.seams.send(signo, group)
+        except ProcessLookupError:
+            return 0  # nothing left to hear it
+        except OSError as exc:
+            self.events.emit("warning", message=f"cannot send {signal_name(signo)} to the app: "
+                             f"{exc.strerror or exc}")
+            return 0
+        if event is not None:
+            self.events.emit(event, signal=signal_name(signo), pid=target)
+        return target
+
+    # ---- the one place a phase changes ---------------------------------------------------------
 
     def _enter(self, phase: Phase, event: str | None = None, **fields: Any) -> None:
         if self.phase not in _ALLOWED[phase]:
             raise RuntimeError(f"drain: {self.phase.value} -> {phase.value} is not a transition")
         self.phase = phase
-        now = self.seams.clock()
-        self.record.phases.append((phase.value, self._elapsed(now)))
+        if self.t0 is not None:
+            self.record.phases.append((phase.value, self._elapsed(self.seams.clock())))
         if event is not None:
             self.events.emit(event, **fields)
 

@@ -28,7 +28,7 @@ __all__ = ["MAX_BYTES", "report", "summary", "write"]
 MAX_BYTES = 1024
 
 # Phases that end the story rather than take time in it.
-_TERMINAL = frozenset({"done", "finished"})
+_TERMINAL = frozenset({"done"})
 
 
 def summary(drain: Drain, end: float, code: int, code_label: str = "exit") -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["become_subreaper", "exit_code", "reap"]
+__all__ = ["become_subreaper", "reap"]
 
 _PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
@@ -24,12 +24,6 @@ def reap() -> list[tuple[int, int]]:
         if pid == 0:
             return reaped
         reaped.append((pid, status))
-
-
-def exit_code(status: int) -> int:
-    """A wait status as a shell reports it: the exit code, or 128+N for death by signal N."""
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
 
 
 def become_subreaper() -> str | None:

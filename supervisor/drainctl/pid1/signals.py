@@ -13,13 +13,11 @@ them), so blocking them too is safe and lets `kill -SEGV 1` be forwarded like an
 
 from __future__ import annotations
 
-import os
-import queue
 import signal
 import threading
 from collections.abc import Callable
 
-__all__ = ["WAITED", "Inbox", "SignalWaiter", "block_all", "signal_name"]
+__all__ = ["WAITED", "SignalWaiter", "block_all"]
 
 UNCATCHABLE = frozenset({signal.SIGKILL, signal.SIGSTOP})
 # Every catchable signal, realtime ones included (by number: they have no enum member).
@@ -28,15 +26,6 @@ WAITED: frozenset[int] = frozenset(
     # 32 and 33 are reserved by glibc for its threads (NPTL): never block or take those.
     and not (32 <= int(n) < signal.SIGRTMIN)
 )
-
-
-def signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        if signal.SIGRTMIN <= number <= signal.SIGRTMAX:
-            return f"SIGRTMIN+{number - signal.SIGRTMIN}"
-        return f"SIG{number}"
 
 
 def block_all() -> set[int]:
@@ -48,7 +37,7 @@ class SignalWaiter:
     """A daemon thread that takes blocked signals with sigwaitinfo and hands them over.
 
     It only records: `deliver(signo, sender_pid)` must be cheap and thread-safe (the supervisor
-    puts the pair in its inbox and wakes its loop).
+    puts it in its loop's inbox, which wakes the loop).
     """
 
     def __init__(self, deliver: Callable[[int, int], None]) -> None:
@@ -62,33 +51,3 @@ class SignalWaiter:
         while True:
             info = signal.sigwaitinfo(WAITED)
             self._deliver(info.si_signo, info.si_pid)
-
-
-class Inbox:
-    """Thread-safe queue plus a pipe that wakes the run loop's select()."""
-
-    def __init__(self) -> None:
-        self.items: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
-        self.read_fd, self._write_fd = os.pipe()
-        os.set_blocking(self.read_fd, False)
-        os.set_blocking(self._write_fd, False)
-
-    def put(self, kind: str, payload: object) -> None:
-        self.items.put((kind, payload))
-        try:
-            os.write(self._write_fd, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full, so the loop is already due to wake
-
-    def take(self) -> list[tuple[str, object]]:
-        try:
-            while os.read(self.read_fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        taken = []
-        while True:
-            try:
-                taken.append(self.items.get_nowait())
-            except queue.Empty:
-                return taken

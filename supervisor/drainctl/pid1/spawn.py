@@ -52,16 +52,15 @@ class Child:
         self.pgid = pgid
         self.argv = argv
 
-    def signal(self, signo: int, group: bool = True) -> bool:
-        """Send to the process group (default) or the process; False if nothing is left."""
-        try:
-            if group:
-                os.killpg(self.pgid, signo)
-            else:
-                os.kill(self.pid, signo)
-        except ProcessLookupError:
-            return False
-        return True
+    def send(self, signo: int, group: bool = True) -> int:
+        """Send to the process group (default) or the process; returns the pid as kill(2) takes
+        it (negative: the group). Raises ProcessLookupError when nothing is left, PermissionError
+        when it may not be signalled."""
+        if group:
+            os.killpg(self.pgid, signo)
+            return -self.pgid
+        os.kill(self.pid, signo)
+        return self.pid
 
     def group_alive(self) -> bool:
         try:
@@ -117,6 +116,11 @@ def spawn(
     command, args, env = argv[0], list(argv), child_environ(environ)
     mask = set(inherited_mask)
     take_tty = _stdin_is_tty()
+    # Python installs its SIGINT handler only when SIGINT was not ignored at start-up; an
+    # inherited SIG_IGN (`nohup`, a shell's background job) must stay ignored for the app.
+    reset = list(_PYTHON_IGNORED)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        reset.append(signal.SIGINT)
     read_fd, write_fd = os.pipe()  # both close-on-exec (PEP 446)
     pid = os.fork()
     if pid == 0:  # the child: no Python-level work beyond this block
@@ -125,7 +129,7 @@ def spawn(
             os.setpgid(0, 0)
             if take_tty:
                 _take_terminal()
-            for signo in (*_PYTHON_IGNORED, signal.SIGINT):
+            for signo in reset:
                 signal.signal(signo, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.execvpe(command, args, env)

@@ -1,116 +1,51 @@
-"""`drainctl run`: the PID-1 loop.
+"""`drainctl run`: the PID-1 host. Set-up, then one loop, like tini's main():
 
-Set-up, then one loop, like tini's main():
   1. block every catchable signal (signals.block_all) and remember the inherited mask;
   2. register as child subreaper unless PID 1;
   3. spawn the app in its own process group with the inherited mask;
-  4. loop: wait (select) for a signal, a finished job or a control client -> act on it ->
-     reap -> advance the drain -> exit when the app and its group are gone.
-The only other threads are the signal waiter (it records) and short-lived jobs (down call, port
-lookup, counts) whose results come back through the inbox. Reaping never waits on HTTP.
+  4. loop (loop.py): wait for a signal, a finished job or a control client -> reap -> advance the
+     drain -> serve -> until the drain says it is done; exit with the code it decided.
+
+Every rule of the shutdown (what a signal means, when the app gets its stop signal, SIGKILL,
+the clean-up of its group, the exit code) is the drain's (drain/machine.py); this host only feeds
+it facts (signals, the app's exit) and carries out its requests (send a signal, run a job).
+The only other threads are the signal waiter (it records) and short-lived jobs. Reaping never
+waits on HTTP.
 """
 
 from __future__ import annotations
 
 import os
-import selectors
 import signal
-import threading
 import time
 
-from drainctl.control import channel as control
 from drainctl.drain import termination
-from drainctl.drain.budget import Budget
-from drainctl.drain.machine import Drain, Phase, Seams
+from drainctl.drain.jobs import real_seams
+from drainctl.drain.machine import Drain
 from drainctl.pid1 import reaper
-from drainctl.pid1.signals import Inbox, SignalWaiter, block_all, signal_name
-from drainctl.pid1.spawn import Child, spawn
+from drainctl.pid1.loop import Loop, Signal
+from drainctl.pid1.signals import SignalWaiter, block_all
+from drainctl.pid1.spawn import spawn
 
-TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (see drain.py)
+TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (drain/machine.py)
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
-    from typing import Any, TypeVar
+    from typing import Protocol
 
-    from drainctl.drain.connections import Counter, Counts
-    from drainctl.drain.downcall import DownResult, ProbeResult
     from drainctl.events import Events
     from drainctl.options import Config
+    from drainctl.pid1.spawn import Child
 
-    T = TypeVar("T")
+    class Service(Protocol):
+        """A part of the loop the caller adds (the control server): ticked, then closed."""
 
-__all__ = ["Supervisor", "ThreadRunner", "drain_seams"]
+        def tick(self) -> None: ...
 
-# After the app's exit, how often we look whether anything of its group is left (no event tells
-# us when a grandchild whose parent is alive exits), and how long we wait after SIGKILL.
-_GROUP_POLL = 0.05
-_AFTER_KILL = 2.0
+        def next_wakeup(self) -> float | None: ...
 
+        def close(self) -> None: ...
 
-class ThreadRunner:
-    """Runs each job in a daemon thread; its result comes back to the loop through the inbox."""
-
-    def __init__(self, inbox: Inbox) -> None:
-        self._inbox = inbox
-
-    def submit(self, work: Callable[[], T], done: Callable[[T | Exception], None]) -> None:
-        def job() -> None:
-            try:
-                result: T | Exception = work()
-            except Exception as exc:
-                result = exc
-            self._inbox.put("job", (done, result))
-
-        threading.Thread(target=job, name="drainctl-job", daemon=True).start()
-
-
-def drain_seams(
-    config: Config,
-    clock: Callable[[], float],
-    runner: Any,
-    lookup_ports: Callable[[], list[int]],
-) -> Seams:
-    """The drain's real seams. psutil and httpx are imported only when a drain needs them."""
-    counter: list[Counter] = []
-
-    def count(ports: Sequence[int], idle_grace: float | None) -> Counts:
-        if not counter:
-            from drainctl.drain.connections import make_counter
-
-            counter.append(make_counter())
-        return counter[0].count(ports, idle_grace)
-
-    call_down: Callable[[float], DownResult] | None = None
-    probe: Callable[[], ProbeResult] | None = None
-    url = config.down_url
-    if url is not None:
-
-        def call_down(deadline: float) -> DownResult:
-            from drainctl.drain import downcall
-
-            return downcall.call_down(
-                url, config.down_method, config.down_timeout, deadline=deadline, clock=clock
-            )
-
-        if config.probe_path is not None:
-            path = config.probe_path
-
-            def probe() -> ProbeResult:
-                from drainctl.drain import downcall
-
-                return downcall.probe_connection_close(
-                    downcall.probe_url(url, path), timeout=min(2.0, config.down_timeout)
-                )
-
-    def prepare() -> None:
-        # httpx and httpcore (imported by httpx's transport on first use) cost ~200 ms or more
-        # to import: pay that during the delay, not in the down call's time.
-        if url is not None:
-            import httpcore  # noqa: F401
-            import httpx  # noqa: F401
-        count([], None)
-
-    return Seams(clock=clock, runner=runner, count=count, lookup_ports=lookup_ports,
-                 call_down=call_down, probe=probe, prepare=prepare)
+__all__ = ["Supervisor"]
 
 
 class Supervisor:
@@ -120,205 +55,86 @@ class Supervisor:
         config: Config,
         events: Events,
         clock: Callable[[], float] = time.monotonic,
+        services: Sequence[Callable[[Supervisor], Service | None]] = (),
     ) -> None:
         self.argv = list(argv)
         self.config = config
         self.events = events
         self.clock = clock
         self.started_at = clock()
-        self.inbox = Inbox()
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.inbox.read_fd, selectors.EVENT_READ, None)
+        self.loop = Loop(clock)
         self.child: Child | None = None
-        self.main_status: int | None = None
-        self.drain: Drain | None = None
-        self._group_signalled_at: float | None = None
-        self._group_killed_at: float | None = None
-        self.control: control.Server | None = None
+        self.drain = Drain(config, events, real_seams(
+            config, clock, self.loop.runner, self._lookup_ports, send=self._send,
+            group_alive=self._group_alive))
+        self._open_services = list(services)
+        self._services: list[Service] = []
 
-    # ---- set-up -------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Steps 1-3. Raises child.SpawnError when the app cannot be started."""
+    def run(self) -> int:
+        """Raises spawn.SpawnError when the app cannot be started."""
         inherited_mask = block_all()
         if os.getpid() != 1:
             failed = reaper.become_subreaper()
             if failed:
                 self.events.emit("warning", message=f"cannot become child subreaper ({failed}): "
                                  "orphans of the app will not be reaped by drainctl")
-        for problem in Budget.of(self.config).problems():
-            self.events.emit("config.warning", message=problem)
+        self.drain.check_budget()
         self.child = child = spawn(self.argv, inherited_mask)
-        self.events.emit("child.started", pid=child.pid, argv=self.argv)
-        runner = ThreadRunner(self.inbox)
-        seams = drain_seams(self.config, self.clock, runner,
-                            lambda: _lookup_ports(child.pid))
-        seams.stop = self._send_stop
-        seams.kill = self._kill_group
-        self.drain = Drain(self.config, self.events, seams)
-        # After the spawn: a bind failure is only a warning, and never delays the app.
-        self.control = control.serve_supervisor(self)
-        SignalWaiter(lambda signo, sender: self.inbox.put("signal", (signo, sender))).start()
-
-    def register(self, fd: int, callback: Callable[[], None]) -> None:
-        """A control-channel socket to watch in the loop; `callback` runs when it is readable."""
-        self.selector.register(fd, selectors.EVENT_READ, callback)
-
-    def unregister(self, fd: int) -> None:
-        self.selector.unregister(fd)
-
-    # ---- the loop -----------------------------------------------------------------------------
-
-    def run(self) -> int:
-        self.start()
+        self.drain.app_started(child.pid, self.argv)
+        self.loop.add(_Reaper(child.pid, self.drain))
+        self.loop.add(self.drain)
+        # After the spawn: a service that fails to open only warns, and never delays the app.
+        for open_service in self._open_services:
+            service = open_service(self)
+            if service is not None:
+                self._services.append(service)
+                self.loop.add(service)
+        self.loop.on_signal = self._on_signal
+        SignalWaiter(lambda signo, sender: self.loop.inbox.put(Signal(signo, sender))).start()
         try:
-            code = self.loop()
-            assert self.drain is not None
+            while not self.drain.done:
+                self.loop.turn()
+            code = self.drain.exit_code
+            assert code is not None
             termination.report(self.config.termination_log, self.drain, self.clock(), code,
                                self.events)
             return code
         finally:
-            if self.control is not None:
-                self.control.close()
+            for service in self._services:
+                service.close()
 
-    def loop(self) -> int:
-        assert self.drain is not None
-        while True:
-            for key, _ in self.selector.select(self._timeout()):
-                if key.data is not None:
-                    key.data()
-            for kind, payload in self.inbox.take():
-                if kind == "signal":
-                    signal_pair: tuple[int, int] = payload  # type: ignore[assignment]
-                    self._on_signal(*signal_pair)
-                elif kind == "job":
-                    job: tuple[Callable[[object], None], object] = payload  # type: ignore[assignment]
-                    job[0](job[1])
-            self._reap()
-            self.drain.tick()
-            if self.control is not None:
-                self.control.tick()  # after the drain: a finished drain's result goes out now
-            code = self._check_exit()
-            if code is not None:
-                return code
+    def _on_signal(self, received: Signal) -> None:
+        if received.signo != signal.SIGCHLD:  # the reap after every wake-up handles that one
+            self.drain.signal(received.signo, received.sender)
 
-    def _timeout(self) -> float | None:
-        assert self.drain is not None
-        wakeups = []
-        wake = self.drain.next_wakeup()
-        if wake is not None:
-            wakeups.append(wake - self.clock())
-        if self.main_status is not None:
-            wakeups.append(_GROUP_POLL)
-        if self.control is not None and (served := self.control.next_wakeup()) is not None:
-            wakeups.append(served - self.clock())
-        return max(0.0, min(wakeups)) if wakeups else None
+    # ---- what the drain asks of the world ----------------------------------------------------
 
-    # ---- signals ------------------------------------------------------------------------------
+    def _send(self, signo: int, group: bool) -> int:
+        assert self.child is not None
+        return self.child.send(signo, group)
 
-    def _on_signal(self, signo: int, sender: int) -> None:
-        assert self.drain is not None
-        if signo == signal.SIGCHLD:
-            return  # the reap after every wake-up handles it
-        self.events.emit("signal.received", signal=signal_name(signo), sender=sender)
-        if self.main_status is None:
-            if signo == signal.SIGTERM and self.drain.sigterm():
-                return
-            if signo == signal.SIGINT and self.drain.interrupt():
-                return
-        self.forward(signo)
+    def _group_alive(self) -> bool:
+        return self.child is not None and self.child.group_alive()
 
-    def forward(self, signo: int) -> None:
-        child = self.child
-        assert child is not None
-        group = not self.config.single_child
-        if self.main_status is not None:
-            group = True  # the app is gone: only its group is left to hear it
-        if child.signal(signo, group=group):
-            self.events.emit("signal.forwarded", signal=signal_name(signo),
-                             pid=-child.pgid if group else child.pid)
-            if group and signo in (signal.SIGTERM, signal.SIGINT, self.config.stop_signal):
-                self._group_signalled_at = self.clock()
+    def _lookup_ports(self) -> list[int]:
+        from drainctl.drain.connections import listening_ports
 
-    def _send_stop(self) -> None:
-        self.forward(self.config.stop_signal)
+        assert self.child is not None
+        return listening_ports(self.child.pid)
 
-    def _kill_group(self) -> int:
-        child = self.child
-        assert child is not None
-        child.signal(signal.SIGKILL, group=True)
-        self._group_killed_at = self.clock()
-        return -child.pgid
 
-    # ---- children -----------------------------------------------------------------------------
+class _Reaper:
+    """Reaps after every wake-up: the app's exit is a fact for the drain, orphans just go."""
 
-    def _reap(self) -> None:
-        child = self.child
-        assert child is not None and self.drain is not None
+    def __init__(self, app_pid: int, drain: Drain) -> None:
+        self._app_pid = app_pid
+        self._drain = drain
+
+    def tick(self) -> None:
         for pid, status in reaper.reap():
-            if pid != child.pid:
-                continue  # an orphan re-parented to us: reaped, nothing more to do
-            self.main_status = status
-            fields: dict[str, Any] = {"pid": pid}
-            if os.WIFSIGNALED(status):
-                fields["signal"] = signal_name(os.WTERMSIG(status))
-            else:
-                fields["code"] = os.waitstatus_to_exitcode(status)
-            self.events.emit("child.exited", **fields)
-            self.drain.child_exited()
-            self._clean_group()
+            if pid == self._app_pid:
+                self._drain.app_exited(pid, status)
 
-    def _clean_group(self) -> None:
-        """The app exited: what is left of its group gets SIGTERM, then SIGKILL at the limit."""
-        child = self.child
-        assert child is not None
-        if not child.group_alive():
-            return
-        if self._group_signalled_at is None:
-            self.forward(signal.SIGTERM)
-        if self._group_signalled_at is None:  # the group vanished in between
-            self._group_signalled_at = self.clock()
+    def next_wakeup(self) -> float | None:
+        return None
 
-    def _check_exit(self) -> int | None:
-        child = self.child
-        assert child is not None
-        if self.main_status is None:
-            return None
-        if child.group_alive():
-            now = self.clock()
-            if self._group_killed_at is None:
-                if now >= self._group_deadline():
-                    self.events.emit("kill.escalated", pid=self._kill_group())
-                return None
-            if now - self._group_killed_at < _AFTER_KILL:
-                return None
-        code = reaper.exit_code(self.main_status)
-        code = self.config.exit_code_map.get(code, code)
-        self.events.emit("exit", code=code)
-        return code
-
-    def _group_deadline(self) -> float:
-        assert self._group_signalled_at is not None
-        deadline = self._group_signalled_at + self.config.stop_timeout
-        drain = self.drain
-        if drain is not None and drain.t0 is not None:
-            deadline = min(deadline, drain.t0 + self.config.grace_period)
-        return deadline
-
-    # ---- for status / prestop -----------------------------------------------------------------
-
-    def state(self) -> str:
-        drain = self.drain
-        if self.main_status is not None:
-            return "exiting"
-        if drain is None or drain.phase is Phase.IDLE:
-            return "running"
-        if drain.draining or drain.phase is Phase.AWAIT_SIGTERM:
-            return "draining"
-        return "stopping"
-
-
-def _lookup_ports(pid: int) -> list[int]:
-    from drainctl.drain.connections import listening_ports
-
-    return listening_ports(pid)

@@ -1,0 +1,75 @@
+"""The drain's jobs in the real world: port lookup, counts, the down call, its probe, warm-up.
+
+They run in the host's runner (worker threads), never in the loop. psutil and httpx are imported
+only when a drain needs them, so PID 1 starts lean.
+"""
+
+from __future__ import annotations
+
+from drainctl.drain.machine import Seams
+
+TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (machine.py)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from drainctl.drain.connections import Counter, Counts
+    from drainctl.drain.downcall import DownResult, ProbeResult
+    from drainctl.drain.machine import Runner
+    from drainctl.options import Config
+
+__all__ = ["real_seams"]
+
+
+def real_seams(
+    config: Config,
+    clock: Callable[[], float],
+    runner: Runner,
+    lookup_ports: Callable[[], list[int]],
+    send: Callable[[int, bool], int] | None = None,
+    group_alive: Callable[[], bool] = lambda: False,
+) -> Seams:
+    """The seams of a drain in production; `send` None: a standalone prestop."""
+    counter: list[Counter] = []
+
+    def count(ports: Sequence[int], idle_grace: float | None) -> Counts:
+        if not counter:
+            from drainctl.drain.connections import make_counter
+
+            counter.append(make_counter())
+        return counter[0].count(ports, idle_grace)
+
+    call_down: Callable[[float], DownResult] | None = None
+    probe: Callable[[], ProbeResult] | None = None
+    url = config.down_url
+    if url is not None:
+
+        def call_down(deadline: float) -> DownResult:
+            from drainctl.drain import downcall
+
+            return downcall.call_down(
+                url, config.down_method, config.down_timeout, deadline=deadline, clock=clock
+            )
+
+        if config.probe_path is not None:
+            path = config.probe_path
+
+            def probe() -> ProbeResult:
+                from drainctl.drain import downcall
+
+                return downcall.probe_connection_close(
+                    downcall.probe_url(url, path), timeout=min(2.0, config.down_timeout)
+                )
+
+    def prepare() -> None:
+        # httpx and httpcore (imported by httpx's transport on first use) cost ~200 ms or more
+        # to import: pay that during the delay, not in the down call's time.
+        if url is not None:
+            import httpcore  # noqa: F401
+            import httpx  # noqa: F401
+
+            from drainctl.drain import downcall  # noqa: F401
+        count([], None)
+
+    return Seams(clock=clock, runner=runner, count=count, lookup_ports=lookup_ports,
+                 call_down=call_down, probe=probe, send=send, group_alive=group_alive,
+                 prepare=prepare)
