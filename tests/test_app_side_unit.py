@@ -429,9 +429,30 @@ def test_importing_the_app_side_imports_only_the_standard_library() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
     ).stdout
-    added = {name.split(".")[0] for name in json.loads(out)}
+    modules = set(json.loads(out))
+    assert {"drainctl.wsgi", "drainctl.asgi", "drainctl.app.contract"} <= modules  # it ran
+    assert not modules & {"typer", "psutil", "httpx"}
+    added = {name.split(".")[0] for name in modules}
     foreign = added - set(sys.stdlib_module_names) - {"drainctl"}
     assert not foreign, f"drainctl.wsgi/asgi import {sorted(foreign)}"
+    # app/ stands alone: nothing of drainctl outside it but the package and the two public paths.
+    outside = {
+        name
+        for name in modules
+        if name.startswith("drainctl.") and not name.startswith("drainctl.app")
+    } - {"drainctl.wsgi", "drainctl.asgi"}
+    assert not outside, f"the app side imports {sorted(outside)}"
+
+
+def test_wsgi_and_asgi_helpers_are_one_down_state(tmp_path: Path) -> None:
+    path = str(tmp_path / "down")
+    assert not wsgi.is_draining(path) and not asgi.is_draining(path)
+    asgi.mark_down(path)
+    assert wsgi.is_draining(path) and asgi.is_draining(path)
+    assert DownState(path).is_down()  # and it is on disk, for the other workers
+    # One implementation, re-exported by both public paths.
+    assert wsgi.is_draining is asgi.is_draining is _downstate.is_draining
+    assert wsgi.mark_down is asgi.mark_down is _downstate.mark_down
 
 
 @pytest.mark.parametrize("module", ["drainctl.wsgi", "drainctl.asgi"])

@@ -59,7 +59,9 @@ __all__ = [
     "Reply",
     "default_state_file",
     "get_state",
+    "is_draining",
     "is_local_client",
+    "mark_down",
     "state_key",
 ]
 
@@ -202,16 +204,6 @@ class DownState:
         self._stale = signature
         return False
 
-    def _reset_for_tests(self) -> None:
-        with self._lock:
-            self._down = False
-            self._stale = None
-            self._next_check = 0.0
-            if self._path is not None:
-                try:
-                    os.unlink(self._path)
-                except OSError:
-                    pass
 
 
 _states: dict[str | None, DownState] = {}
@@ -248,6 +240,19 @@ def get_state(state_file: str | None = None, *, check_interval: float = 0.0) -> 
         if state_file is None:
             _default = state
         return state
+
+
+def is_draining(state_file: str | None = None) -> bool:
+    """True once the down endpoint was called in any worker of this server (or ``mark_down``).
+
+    ``state_file``: only if the middleware was given one.
+    """
+    return get_state(state_file).is_down()
+
+
+def mark_down(state_file: str | None = None) -> None:
+    """What the down endpoint does, for app code that learns of the shutdown another way."""
+    get_state(state_file).mark_down()
 
 
 # --- The endpoints both middlewares serve (wsgi.py and asgi.py only translate to their protocol).

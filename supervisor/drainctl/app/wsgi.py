@@ -38,7 +38,14 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Unpack
 
-from drainctl.app.contract import DEFAULT_DOWN_PATH, ENV_STATE_FILE, Contract, Options, get_state
+from drainctl.app.contract import (
+    DEFAULT_DOWN_PATH,
+    ENV_STATE_FILE,
+    Contract,
+    Options,
+    is_draining,
+    mark_down,
+)
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -57,19 +64,6 @@ __all__ = [
 _log = logging.getLogger("drainctl.app")
 
 _ExcInfo = tuple[type[BaseException], BaseException, "TracebackType"] | tuple[None, None, None]
-
-
-def is_draining(state_file: str | None = None) -> bool:
-    """True once the down endpoint was called in any worker of this server (or ``mark_down``).
-
-    ``state_file``: only if the middleware was given one.
-    """
-    return get_state(state_file).is_down()
-
-
-def mark_down(state_file: str | None = None) -> None:
-    """What the down endpoint does, for app code that learns of the shutdown another way."""
-    get_state(state_file).mark_down()
 
 
 def _is_wsgiref(environ: WSGIEnvironment, owner: object) -> bool:
