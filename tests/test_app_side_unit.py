@@ -1,4 +1,6 @@
-"""Issue 5, in process: the middlewares' routing and headers, the shared down state, imports.
+"""The app side in process: the middlewares' routing and headers, the shared down state, imports.
+
+What is checked is docs/app-side.md.
 
 The real servers are in test_app_side.py; here the WSGI/ASGI callables are driven directly, which
 pins the edge cases (methods, remote callers, HTTP/2, lifespan) without a process per case.

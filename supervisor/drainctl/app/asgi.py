@@ -1,6 +1,6 @@
 """ASGI side of the drain contract: a down endpoint, ``Connection: close`` after it, health 200.
 
-Two lines for an app (issue 5)::
+Two lines for an app (docs/app-side.md)::
 
     from drainctl.asgi import DrainMiddleware
     app = DrainMiddleware(app, health_paths=["/healthz"])
@@ -21,7 +21,7 @@ long-lived WebSockets should be closed by the app when ``is_draining()``.
 
 Put DrainMiddleware outermost, so that it gets the server's own ``send``.
 
-Imports only the standard library (issue 5).
+Imports only the standard library (README.md, "Dependencies, and why").
 """
 
 from __future__ import annotations
