@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from drainctl.app import contract as _downstate
+from drainctl.app import contract
 
 TESTS_DIR = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -174,8 +174,8 @@ class Server:
         else:
             raise RuntimeError(f"{self.name} not ready in {START_TIMEOUT}s:\n{self.output()}")
         # Where the down state of this server's group lives (its leader is this process).
-        self.state_file = self.env.get(_downstate.ENV_STATE_FILE) or (
-            _downstate.default_state_file(self.proc.pid)
+        self.state_file = self.env.get(contract.ENV_STATE_FILE) or (
+            contract.default_state_file(self.proc.pid)
         )
 
     def output(self) -> str:
