@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""The frozen binary (issue 6): size, start-up and footprint as PID 1, beside tini, the source,
-and the stdlib-only stand-in frozen the same way (the floor for a frozen Python program).
+"""The frozen binary (docs/frozen-binary.md): size, start-up and footprint as PID 1, beside tini,
+the source, and the stdlib-only stand-in frozen the same way (the floor for a frozen Python
+program).
 
     python3 benchmarks/bench_frozen.py [-n 20] [--binary dist/drainctl] [--onefile] [--rebuild]
 
@@ -16,7 +17,8 @@ Then, runs interleaved (one of each per round) after one untimed run each:
   2. steady state as PID 1 (`unshare --pid --fork --mount-proc`, root only; else as a plain
      parent) while the app (`sleep 30`) sleeps: VmRSS and Pss of every process the supervisor
      adds (a onefile bootloader too), and what each unpacks into its runtime directory.
-Issue 6's goals, against the frozen stand-in: start-up within 2x, RSS within 1.5x.
+The goals (README.md, "Performance"), against the frozen stand-in: start-up within 2x, RSS within
+1.5x.
 """
 
 from __future__ import annotations
@@ -330,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label:<30} {procs:5d} {rss / MIB:6.1f} MiB {pss / MIB:6.1f} MiB {ratio} "
               f"{unpack}")
 
-    print("\ngoals (issue 6), against the stand-in frozen the same way:")
+    print("\ngoals (README.md, Performance), against the stand-in frozen the same way:")
     ours = next((r for r in rows if r.role == "drainctl" and r.times), None)
     if ours and floor:
         ratio = statistics.median(ours.times) / floor

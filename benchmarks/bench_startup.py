@@ -1,4 +1,4 @@
-"""Start-up time and steady footprint of `drainctl run`, beside tini and a Python floor (issue 2).
+"""Start-up time and steady footprint of `drainctl run`, beside tini and a Python floor.
 
     python3 benchmarks/bench_startup.py [-n 20] [--idle 5] [--skip-pth] [--drainctl-bin PATH]
 
@@ -12,7 +12,7 @@ interleaved so drift and noise spread evenly:
   2. what `python3 -m drainctl run -- /bin/true` imports beyond `python3 -c pass` (-X importtime);
   3. steady state while the app (`sleep 30`) sleeps: VmRSS and Pss of the supervisor's processes
      (the app excluded), and the CPU time and wake-ups they use over an idle window.
-Issue 2's goals: start-up within 3x and steady RSS within 1.5x of the stand-in.
+The goals (README.md, "Performance"): start-up within 3x and steady RSS within 1.5x of the stand-in.
 
 DRAINCTL_BIN (or --drainctl-bin) adds rows for another drainctl executable, e.g. the frozen
 binary. Python rows use this interpreter (sys.executable), never a version-manager shim.
@@ -43,8 +43,9 @@ HERE = Path(__file__).resolve().parent
 STANDIN = HERE / "standin.py"
 APP_SECONDS = "30"  # the sleeping app of the steady-state phase
 RUN_TIMEOUT = 15.0  # one start-up run longer than this is killed and reported
-# Third-party packages `run` must not import (issue 2), and stdlib modules that cost several ms
-# and hundreds of KiB each: the report says which drainctl module first pulls each one in.
+# Third-party packages `run` must not import (README.md, "Dependencies, and why"), and stdlib
+# modules that cost several ms and hundreds of KiB each: the report says which drainctl module
+# first pulls each one in.
 THIRD_PARTY = ("typer", "click", "pydantic", "rich", "psutil", "httpx", "httpcore", "certifi")
 HEAVY_STDLIB = ("dataclasses", "inspect", "typing", "ctypes", "socket", "urllib.parse",
                 "ipaddress", "json", "re", "selectors", "queue", "threading")
@@ -601,7 +602,7 @@ def print_report(setup: Setup, commands: list[Command], steady: list[Steady], cp
               f"{_ratio(r.rss, rss_standin):>9} {_ratio(r.rss, rss_tini):>8} {cpu:>9} "
               f"{r.switches if r.switches is not None else '-':>7}")
 
-    print("\ngoals (issue 2), against the stand-in (a report: nothing is asserted):")
+    print("\ngoals (README.md, Performance), against the stand-in (a report: nothing is asserted):")
     for role in ("drainctl", "bin"):
         goal = next((c for c in commands if c.role == role and c.times), None)
         if goal and standin_row and standin:

@@ -6,8 +6,8 @@ What every Python supervisor must do at the least, with nothing more: block the 
 signals, spawn the command with the mask we inherited, then one loop of sigwaitinfo(2) ->
 forward to the command, or reap on SIGCHLD -> exit with its code (128+N for death by signal N).
 One thread, three imports (os, signal, sys), no subreaper (ctypes alone would cost more than the
-rest), no logging, no drain. `benchmarks/bench_startup.py` measures drainctl against it: issue 2's
-goals are start-up within 3x and steady RSS within 1.5x of this.
+rest), no logging, no drain. `benchmarks/bench_startup.py` measures drainctl against it: the
+goals (README.md, "Performance") are start-up within 3x and steady RSS within 1.5x of this.
 """
 
 from __future__ import annotations

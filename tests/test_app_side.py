@@ -1,4 +1,6 @@
-"""Issue 5 against real servers: the down endpoint, Connection: close after it, health stays 200.
+"""The app side against real servers: the down endpoint, Connection: close after it, health 200.
+
+What is checked is docs/app-side.md.
 
 Each case starts one real server (subprocess, own process group, free 127.0.0.1 port) serving
 tests/appside/{wsgi,asgi}_app.py and drives it with raw keep-alive connections, so that the

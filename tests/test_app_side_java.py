@@ -1,4 +1,6 @@
-"""Issue 5, Java side: examples/java compiled with javac and held to the same contract.
+"""The app side in Java: examples/java compiled with javac and held to the same contract.
+
+What the examples do is docs/app-side.md, "Java".
 
 * the ``com.sun.net.httpserver`` demo (JDK only);
 * the Servlet Filter, compiled against Debian's servlet API jars (``libservlet-api-java`` for

@@ -1,4 +1,6 @@
-"""Issue 5, in process: the middlewares' routing and headers, the shared down state, imports.
+"""The app side in process: the middlewares' routing and headers, the shared down state, imports.
+
+What is checked is docs/app-side.md.
 
 The real servers are in test_app_side.py; here the WSGI/ASGI callables are driven directly, which
 pins the edge cases (methods, remote callers, HTTP/2, lifespan) without a process per case.
@@ -19,7 +21,7 @@ from typing import Any
 import pytest
 
 from drainctl import asgi, wsgi
-from drainctl.app import contract as _downstate
+from drainctl.app import contract
 from drainctl.app.contract import DownState, Endpoints, is_local_client
 
 # --- WSGI, driven directly
@@ -371,7 +373,7 @@ def test_down_state_crosses_instances_like_workers(state_file: str) -> None:
     assert not first.is_down() and not second.is_down()
     first.mark_down()
     assert second.is_down()
-    assert Path(state_file).read_text().strip() == _downstate.state_key()
+    assert Path(state_file).read_text().strip() == contract.state_key()
     # A worker that starts after down (gunicorn replaces workers) is down at once.
     assert DownState(state_file).is_down()
 
@@ -407,15 +409,15 @@ def test_unwritable_state_stays_in_process(
 
 
 def test_default_location_and_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv(_downstate.ENV_STATE_FILE, raising=False)
-    path = _downstate.default_state_file()
+    monkeypatch.delenv(contract.ENV_STATE_FILE, raising=False)
+    path = contract.default_state_file()
     assert path is not None
     pidns, pgid, start = Path(path).name.removeprefix("drainctl-down-").split("-")
     assert int(pgid) == os.getpgrp() and pidns.isdigit() and start.isdigit()
-    monkeypatch.setenv(_downstate.ENV_STATE_FILE, str(tmp_path / "x"))
-    assert _downstate.default_state_file() == str(tmp_path / "x")
+    monkeypatch.setenv(contract.ENV_STATE_FILE, str(tmp_path / "x"))
+    assert contract.default_state_file() == str(tmp_path / "x")
     # Module-level helpers and middlewares on the same file share one object.
-    assert _downstate.get_state(str(tmp_path / "x")) is wsgi.DrainMiddleware(
+    assert contract.get_state(str(tmp_path / "x")) is wsgi.DrainMiddleware(
         hello, state_file=str(tmp_path / "x")
     ).state
 
@@ -429,9 +431,30 @@ def test_importing_the_app_side_imports_only_the_standard_library() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
     ).stdout
-    added = {name.split(".")[0] for name in json.loads(out)}
+    modules = set(json.loads(out))
+    assert {"drainctl.wsgi", "drainctl.asgi", "drainctl.app.contract"} <= modules  # it ran
+    assert not modules & {"typer", "psutil", "httpx"}
+    added = {name.split(".")[0] for name in modules}
     foreign = added - set(sys.stdlib_module_names) - {"drainctl"}
     assert not foreign, f"drainctl.wsgi/asgi import {sorted(foreign)}"
+    # app/ stands alone: nothing of drainctl outside it but the package and the two public paths.
+    outside = {
+        name
+        for name in modules
+        if name.startswith("drainctl.") and not name.startswith("drainctl.app")
+    } - {"drainctl.wsgi", "drainctl.asgi"}
+    assert not outside, f"the app side imports {sorted(outside)}"
+
+
+def test_wsgi_and_asgi_helpers_are_one_down_state(tmp_path: Path) -> None:
+    path = str(tmp_path / "down")
+    assert not wsgi.is_draining(path) and not asgi.is_draining(path)
+    asgi.mark_down(path)
+    assert wsgi.is_draining(path) and asgi.is_draining(path)
+    assert DownState(path).is_down()  # and it is on disk, for the other workers
+    # One implementation, re-exported by both public paths.
+    assert wsgi.is_draining is asgi.is_draining is contract.is_draining
+    assert wsgi.mark_down is asgi.mark_down is contract.mark_down
 
 
 @pytest.mark.parametrize("module", ["drainctl.wsgi", "drainctl.asgi"])

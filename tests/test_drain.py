@@ -290,7 +290,7 @@ def test_idle_grace_releases_idle_connections_not_busy_ones(procs: Processes) ->
         idle.close()
 
 
-# ---- the contract self-test (issue 5) ------------------------------------------------------------
+# ---- the contract self-test (docs/app-side.md) ---------------------------------------------------
 
 
 @pytest.mark.parametrize("closes", [True, False], ids=["app-closes", "app-keeps-alive"])

@@ -1,1 +1,1 @@
-"""Helper apps and a small harness for tests/test_app_side*.py (issue 5)."""
+"""Helper apps and a small harness for tests/test_app_side*.py (docs/app-side.md)."""

@@ -1,4 +1,6 @@
-"""Real servers on loopback and a keep-alive client that can see the server close (issue 5).
+"""Real servers on loopback and a keep-alive client that can see the server close.
+
+What they check is docs/app-side.md.
 
 Servers run as subprocesses in their own session (so their workers share one process group, as
 under ``drainctl run``), on a free 127.0.0.1 port, with a bounded wait for readiness, and are
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from drainctl.app import contract as _downstate
+from drainctl.app import contract
 
 TESTS_DIR = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -172,8 +174,8 @@ class Server:
         else:
             raise RuntimeError(f"{self.name} not ready in {START_TIMEOUT}s:\n{self.output()}")
         # Where the down state of this server's group lives (its leader is this process).
-        self.state_file = self.env.get(_downstate.ENV_STATE_FILE) or (
-            _downstate.default_state_file(self.proc.pid)
+        self.state_file = self.env.get(contract.ENV_STATE_FILE) or (
+            contract.default_state_file(self.proc.pid)
         )
 
     def output(self) -> str:
@@ -307,7 +309,7 @@ def check_contract(
     header_alone: str | None = None,
     shared_state: bool = True,
 ) -> None:
-    """Issue 5's checks against one running server, in order: before down, down, after down.
+    """The app-side checks against one running server, in order: before down, down, after down.
 
     Before: no close, connections stay open (unless the server never keeps them, ``keepalive``).
     Down: through the first worker only, twice. After: every connection opened before down and

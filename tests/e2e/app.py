@@ -1,6 +1,6 @@
 """The Python app of the e2e pods: a WSGI app in DrainMiddleware, served by gunicorn (gthread).
 
-    E2E_APP_MODE=fixed     the fix (INCIDENT.md): after the down call every response carries
+    E2E_APP_MODE=fixed     the fix (README.md, "Why"): after the down call every response carries
                            `Connection: close` and the server closes; /ok.htm stays 200
     E2E_APP_MODE=incident  the incident's app: after the down call every request, /ok.htm
                            included, is answered 503 "halting" and the connection is closed

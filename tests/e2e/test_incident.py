@@ -1,4 +1,6 @@
-"""Issue 7: the incident, reproduced end to end with real components, then the fix.
+"""The incident (README.md, "Why"), reproduced end to end with real components, then the fix.
+
+docs/e2e.md describes the scenarios and how to run them.
 
 Every scenario runs the same cluster (tests/e2e/harness.py: HAProxy gateway -> HAProxy L4 LB ->
 two pods in their own namespaces), puts the same load through the gateway, deletes pod `a` the

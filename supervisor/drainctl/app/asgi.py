@@ -1,6 +1,6 @@
 """ASGI side of the drain contract: a down endpoint, ``Connection: close`` after it, health 200.
 
-Two lines for an app (issue 5)::
+Two lines for an app (docs/app-side.md)::
 
     from drainctl.asgi import DrainMiddleware
     app = DrainMiddleware(app, health_paths=["/healthz"])
@@ -21,7 +21,7 @@ long-lived WebSockets should be closed by the app when ``is_draining()``.
 
 Put DrainMiddleware outermost, so that it gets the server's own ``send``.
 
-Imports only the standard library (issue 5).
+Imports only the standard library (README.md, "Dependencies, and why").
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from drainctl.app.contract import (
     Contract,
     Options,
     Reply,
-    get_state,
+    is_draining,
+    mark_down,
 )
 
 __all__ = [
@@ -60,16 +61,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 _log = logging.getLogger("drainctl.app")
-
-
-def is_draining(state_file: str | None = None) -> bool:
-    """True once the down endpoint was called in any worker of this server (or ``mark_down``)."""
-    return get_state(state_file).is_down()
-
-
-def mark_down(state_file: str | None = None) -> None:
-    """What the down endpoint does, for app code that learns of the shutdown another way."""
-    get_state(state_file).mark_down()
 
 
 def _with_close(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

@@ -1,9 +1,10 @@
 """The app's "down" state, shared by every worker process of one server.
 
-Why this exists (issue 5): drainctl calls the app's down endpoint once; with a multi-worker
-server (gunicorn, ``uvicorn --workers``, hypercorn) that request lands in *one* worker, yet every
-worker must from then on answer ``Connection: close`` (RFC 9112 section 9.6), or the keep-alive
-clients held by the other workers never leave and the drain runs into its deadline.
+Why this exists (docs/app-side.md, "One down call, every worker"): drainctl calls the app's down
+endpoint once; with a multi-worker server (gunicorn, ``uvicorn --workers``, hypercorn) that
+request lands in *one* worker, yet every worker must from then on answer ``Connection: close``
+(RFC 9112 section 9.6), or the keep-alive clients held by the other workers never leave and the
+drain runs into its deadline.
 
 Design:
 
@@ -34,8 +35,8 @@ Design:
   is still the key, so a stale file at a fixed path is ignored too. When no directory is writable
   the state stays per process (logged once): the worker that got the down request still closes.
 
-Only the standard library is imported here (issue 5: the app side must not pull in typer,
-psutil or httpx).
+Only the standard library is imported here (README.md, "Dependencies, and why": the app side
+must not pull in typer, psutil or httpx).
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ __all__ = [
     "Reply",
     "default_state_file",
     "get_state",
+    "is_draining",
     "is_local_client",
+    "mark_down",
     "state_key",
 ]
 
@@ -202,16 +205,6 @@ class DownState:
         self._stale = signature
         return False
 
-    def _reset_for_tests(self) -> None:
-        with self._lock:
-            self._down = False
-            self._stale = None
-            self._next_check = 0.0
-            if self._path is not None:
-                try:
-                    os.unlink(self._path)
-                except OSError:
-                    pass
 
 
 _states: dict[str | None, DownState] = {}
@@ -248,6 +241,19 @@ def get_state(state_file: str | None = None, *, check_interval: float = 0.0) -> 
         if state_file is None:
             _default = state
         return state
+
+
+def is_draining(state_file: str | None = None) -> bool:
+    """True once the down endpoint was called in any worker of this server (or ``mark_down``).
+
+    ``state_file``: only if the middleware was given one.
+    """
+    return get_state(state_file).is_down()
+
+
+def mark_down(state_file: str | None = None) -> None:
+    """What the down endpoint does, for app code that learns of the shutdown another way."""
+    get_state(state_file).mark_down()
 
 
 # --- The endpoints both middlewares serve (wsgi.py and asgi.py only translate to their protocol).
@@ -340,8 +346,8 @@ class Endpoints:
             return _text(405, "Method Not Allowed", "use GET or HEAD\n", ("Allow", "GET, HEAD"))
         if route == "readiness" and state.is_down():
             # Only for the kubelet's readiness probe, which looks at this pod alone; a gateway
-            # must never be pointed here (INCIDENT.md: a 503 through the shared LB address
-            # took the whole LB out of rotation).
+            # must never be pointed here (README.md, "Why": a 503 through the shared LB
+            # address took the whole LB out of rotation).
             return _text(503, "Service Unavailable", "draining\n")
         return _text(200, "OK", "ready\n" if route == "readiness" else "ok\n")
 

@@ -1,6 +1,6 @@
 """WSGI side of the drain contract: a down endpoint, ``Connection: close`` after it, health 200.
 
-Two lines for an app (issue 5)::
+Two lines for an app (docs/app-side.md)::
 
     from drainctl.wsgi import DrainMiddleware
     application = DrainMiddleware(application, health_paths=["/healthz"])
@@ -8,8 +8,8 @@ Two lines for an app (issue 5)::
 After ``GET``/``POST /drainctl/down`` (what ``drainctl run --down-url`` calls), every HTTP/1.x
 response tells the client to close and the server closes the connection after it (RFC 9112
 section 9.6), so keep-alive clients leave the pod by themselves; health paths keep answering 200
-(INCIDENT.md: a 503 there, seen through a shared LB address, took the whole LB out of rotation);
-the optional readiness path answers 503, for the kubelet's readiness probe only.
+(README.md, "Why": a 503 there, seen through a shared LB address, took the whole LB out of
+rotation); the optional readiness path answers 503, for the kubelet's readiness probe only.
 
 PEP 3333 forbids applications to set hop-by-hop headers such as ``Connection``, and servers
 differ in what they do with one (see docs/app-side.md for the table, verified by
@@ -28,7 +28,7 @@ tests/test_app_side.py), so the close is asked for the way each server understan
 Put DrainMiddleware outermost: gunicorn's ``force_close`` is reached through the server's own
 ``start_response``, which an outer middleware would hide.
 
-Imports only the standard library (issue 5).
+Imports only the standard library (README.md, "Dependencies, and why").
 """
 
 from __future__ import annotations
@@ -38,7 +38,14 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Unpack
 
-from drainctl.app.contract import DEFAULT_DOWN_PATH, ENV_STATE_FILE, Contract, Options, get_state
+from drainctl.app.contract import (
+    DEFAULT_DOWN_PATH,
+    ENV_STATE_FILE,
+    Contract,
+    Options,
+    is_draining,
+    mark_down,
+)
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -57,19 +64,6 @@ __all__ = [
 _log = logging.getLogger("drainctl.app")
 
 _ExcInfo = tuple[type[BaseException], BaseException, "TracebackType"] | tuple[None, None, None]
-
-
-def is_draining(state_file: str | None = None) -> bool:
-    """True once the down endpoint was called in any worker of this server (or ``mark_down``).
-
-    ``state_file``: only if the middleware was given one.
-    """
-    return get_state(state_file).is_down()
-
-
-def mark_down(state_file: str | None = None) -> None:
-    """What the down endpoint does, for app code that learns of the shutdown another way."""
-    get_state(state_file).mark_down()
 
 
 def _is_wsgiref(environ: WSGIEnvironment, owner: object) -> bool:

@@ -9,9 +9,9 @@ GET /health                                200 (--naive: 503 "halting" after dow
 anything else                              200 "ok <name>"
 
 After down, the fixed app (the default) answers as before but with ``Connection: close``, and
-closes after the response, so each keep-alive client leaves by itself (INCIDENT.md, "The fix they
-shipped"); health stays 200. ``--naive`` is the incident's app: from down on *every* answer is
-503 "halting", and the connection is closed after it.
+closes after the response, so each keep-alive client leaves by itself (README.md, "Why"); health
+stays 200. ``--naive`` is the incident's app: from down on *every* answer is 503 "halting", and
+the connection is closed after it.
 
 Both shut down the way many servers do on SIGTERM (or SIGINT): stop accepting, wait up to
 ``--shutdown-grace`` for the requests in flight, exit 0. Requests that arrive meanwhile on an open

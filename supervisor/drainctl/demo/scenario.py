@@ -1,11 +1,11 @@
-"""`drainctl demo`: the incident and the fix, side by side, on loopback (issue 7, part 3).
+"""`drainctl demo`: the incident and the fix, side by side, on loopback (docs/demo.md).
 
 No root, no HAProxy, no Kubernetes: everything runs on 127.0.0.1, on free ports.
 
 * **pod-1** is the pod being terminated; **pod-2** is another replica that stays up.
 * **The load balancer** is a shared choice the clients make for each *new* connection: pod-1
   until the pod is Terminating (endpoints removed), pod-2 after. Connections already open keep
-  going to pod-1, as they do through kube-proxy and an L4 LB (INCIDENT.md, step 1).
+  going to pod-1, as they do through kube-proxy and an L4 LB (README.md, "Why").
 * **Clients**: keep-alive clients (a request every 50-100 ms over one connection) and slow
   clients (1.5 s requests back to back). A client opens a new connection after a
   ``Connection: close`` or a failure; failures are non-200 answers, connections closed or reset
@@ -549,7 +549,7 @@ def _call(port: int) -> str:
 
 
 def _event_text(event: dict[str, Any]) -> str | None:
-    """drainctl's contract events (CONTRACT.md, "Log events"), as timeline lines."""
+    """drainctl's log events (docs/interface.md, "Log events"), as timeline lines."""
     name = event.get("event")
     if name == "drain.started":
         return (f"drainctl: drain started by {event.get('trigger')}; stop signal to the app "
