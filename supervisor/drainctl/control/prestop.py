@@ -1,7 +1,7 @@
 """`drainctl prestop`: the preStop hook, one exec of our binary (no shell, no sleep, no curl).
 
 With a supervisor (`drainctl run` is the ENTRYPOINT), it asks the supervisor over the control
-channel (control.py) to start the drain, or joins the one already running, prints the drain's
+channel (control/protocol.py) to start the drain, or joins the one already running, prints the drain's
 events as they come, and returns once the drain has finished. The supervisor logs the drain too,
 so the story is in the container log even though the kubelet shows a hook's output only when the
 hook fails. After a prestop-triggered drain, the SIGTERM the kubelet sends next is forwarded to

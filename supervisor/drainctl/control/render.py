@@ -98,7 +98,7 @@ def _duration(value: object) -> str:
 
 
 def connections_json(counts: Counts, with_idle: bool = False) -> dict[str, dict[str, int]]:
-    """Per port, port numbers as strings (CONTRACT: `connections --json`)."""
+    """Per port, port numbers as strings (docs/interface.md, `connections --json`)."""
     out: dict[str, dict[str, int]] = {}
     for port in sorted(counts.ports):
         each = counts.ports[port]

@@ -5,7 +5,7 @@ bind-mounts into every container) after the container exits and shows it as the 
 `Message`. It keeps at most 4096 bytes per container (and 12 KiB per pod), so the summary is cut
 at 1024 bytes: the app's own message, if it writes one, keeps its room.
 
-Rules (CONTRACT.md):
+Rules (docs/interface.md, "The termination message"):
 - written only if the file already exists and can be opened for writing; never created (outside
   Kubernetes there is no such file and nothing happens);
 - appended, so a message the app wrote itself stays first;
@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import os
 
-TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (see drain.py)
+TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (drain/machine.py)
 if TYPE_CHECKING:
     from drainctl.drain.machine import Drain
     from drainctl.events import Events

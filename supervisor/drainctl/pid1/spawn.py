@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 
-TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (see drain.py)
+TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (drain/machine.py)
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
 
