@@ -40,10 +40,13 @@ def entry() -> None:
     and no atexit handler is registered. Only the standard streams need flushing.
     """
     code = main()
+    events = sys.modules.get("drainctl.events")
+    if events is not None:
+        events.flush_all(timeout=1.0)  # the log lines still queued, within a bound
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):  # AttributeError: it was closed (None)
             pass
     os._exit(code)
 

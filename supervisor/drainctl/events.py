@@ -1,14 +1,24 @@
-"""The contract's log events: one per line on stderr, JSON or readable text.
+"""The log events: one per line on stderr, JSON or readable text (docs/interface.md).
 
 JSON when stderr is not a terminal (container logs are collected by line and parsed), text on a
 terminal. Events never go to stdout: that belongs to the app.
+
+Writing never blocks the caller (README, "Reliability"): stderr may be a pipe nobody reads, a
+terminal that went away, or closed. Lines go to fd 2 from a writer thread of their own through a
+bounded queue; until that thread runs (before the app is spawned: fork copies only the calling
+thread) or when it cannot start (a pids limit), a line is written only if fd 2 takes it at once.
+A line that cannot be written is dropped and counted, and the count is written as an
+`events.dropped` event as soon as writing works again.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import select
 import sys
+import threading
 import time
 
 TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (see drain.py)
@@ -16,7 +26,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import IO, Any
 
-__all__ = ["LOG_FORMATS", "Events", "format_json", "format_text"]
+__all__ = ["LOG_FORMATS", "Events", "flush_all", "format_json", "format_text"]
 
 LOG_FORMATS = ("auto", "json", "text")
 
@@ -51,7 +61,10 @@ def _text_value(value: Any) -> str:
 
 
 class Events:
-    """Writes events to one stream; never raises (a closed stderr must not kill PID 1)."""
+    """Writes events to one stream; never raises and never blocks (see the module docstring).
+
+    `stream` is for tests (an in-memory stream, written at once); by default, fd 2.
+    """
 
     def __init__(
         self,
@@ -59,12 +72,17 @@ class Events:
         stream: IO[str] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._stream = stream if stream is not None else sys.stderr
+        self._stream = stream
+        self._out = None if stream is not None else _stderr_writer()
         if log_format == "auto":
-            log_format = "text" if _isatty(self._stream) else "json"
+            tty = _isatty(stream) if stream is not None else (
+                self._out is not None and self._out.isatty())
+            log_format = "text" if tty else "json"
         self._format = format_text if log_format == "text" else format_json
         self._clock = clock
         self._listeners: list[Listener] = []
+        if self._out is not None:
+            self._out.report = self._dropped_line
 
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:
         record: dict[str, Any] = {"ts": round(self._clock(), 6), "event": event, **fields}
@@ -74,11 +92,24 @@ class Events:
         return record
 
     def write_line(self, line: str) -> None:
+        if self._out is not None:
+            self._out.write(line + "\n")
+            return
         try:
+            assert self._stream is not None
             self._stream.write(line + "\n")
             self._stream.flush()
         except (OSError, ValueError):
             pass
+
+    def start_writer(self) -> bool:
+        """Write from a thread from now on (call after the app is spawned). False: no thread."""
+        return self._out.start() if self._out is not None else True
+
+    @property
+    def dropped(self) -> int:
+        """Lines dropped so far and not yet reported."""
+        return self._out.dropped if self._out is not None else 0
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -86,6 +117,131 @@ class Events:
     def unsubscribe(self, listener: Listener) -> None:
         if listener in self._listeners:
             self._listeners.remove(listener)
+
+    def _dropped_line(self, count: int) -> str:
+        record = {"ts": round(self._clock(), 6), "event": "events.dropped", "count": count}
+        return self._format(record) + "\n"
+
+
+class _Writer:
+    """Lines to one file descriptor without ever blocking the writer's caller."""
+
+    LIMIT = 1000  # lines queued before new ones are dropped
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.dropped = 0
+        self.report: Callable[[int], str] | None = None
+        self._queue: collections.deque[str] = collections.deque()
+        self._ready = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._busy = False
+
+    def isatty(self) -> bool:
+        try:
+            return os.isatty(self.fd)
+        except OSError:
+            return False
+
+    def start(self) -> bool:
+        if self._thread is not None:
+            return True
+        thread = threading.Thread(target=self._run, name="drainctl-log", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # can't start new thread: a pids limit, RLIMIT_NPROC
+            return False
+        self._thread = thread
+        return True
+
+    def write(self, line: str) -> None:
+        if self._thread is None:
+            self._write_now(line)
+            return
+        with self._ready:
+            if len(self._queue) >= self.LIMIT:
+                self.dropped += 1
+                return
+            self._queue.append(line)
+            self._ready.notify()
+
+    def flush(self, timeout: float) -> None:
+        """Wait until the queue is written, or `timeout` passed (never longer)."""
+        deadline = time.monotonic() + timeout
+        with self._ready:
+            while (self._queue or self._busy) and self._thread is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._ready.wait(min(left, 0.05))
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue:
+                    self._busy = False
+                    self._ready.notify_all()
+                    self._ready.wait()
+                line = self._queue.popleft()
+                self._busy = True
+            self._write(line, block=True)
+
+    def _write_now(self, line: str) -> None:
+        try:
+            _, writable, _ = select.select([], [self.fd], [], 0)
+        except (OSError, ValueError):
+            writable = []
+        if not writable:
+            self.dropped += 1
+            return
+        self._write(line, block=False)
+
+    def _write(self, line: str, block: bool) -> None:
+        data = line.encode("utf-8", "backslashreplace")
+        if self.dropped and self.report is not None:
+            count, self.dropped = self.dropped, 0
+            data = self.report(count).encode() + data
+        try:
+            if block:
+                while data:
+                    data = data[os.write(self.fd, data):]
+                return
+            # Not from the writer thread: a pipe with room for one more page takes up to
+            # PIPE_BUF bytes at once (pipe(7)); a longer line goes a page at a time, each only
+            # when there is room for it.
+            while data:
+                data = data[os.write(self.fd, data[:_PIPE_BUF]):]
+                if data and not select.select([], [self.fd], [], 0.05)[1]:
+                    self.dropped += 1
+                    return
+        except OSError:
+            self.dropped += 1
+
+
+_PIPE_BUF = 4096
+_WRITERS: dict[int, _Writer] = {}
+
+
+def _stderr_writer() -> _Writer | None:
+    """The writer of fd 2, or None when stderr was closed at start-up: then fd 2 may later be
+    some other file we opened, and nothing must be written to it."""
+    if sys.stderr is None:
+        return None
+    try:
+        fd = sys.stderr.fileno()
+    except (OSError, ValueError, AttributeError):
+        return None
+    writer = _WRITERS.get(fd)
+    if writer is None:
+        writer = _WRITERS[fd] = _Writer(fd)
+    return writer
+
+
+def flush_all(timeout: float = 1.0) -> None:
+    """Before exit: give the queued lines up to `timeout` to leave."""
+    deadline = time.monotonic() + timeout
+    for writer in _WRITERS.values():
+        writer.flush(max(0.0, deadline - time.monotonic()))
 
 
 def _isatty(stream: IO[str]) -> bool:

@@ -1,10 +1,10 @@
 """`drainctl prestop`: the preStop hook, one exec of our binary (no shell, no sleep, no curl).
 
 With a supervisor (`drainctl run` is the ENTRYPOINT), it asks the supervisor over the control
-channel (control/protocol.py) to start the drain, or joins the one already running, prints the drain's
-events as they come, and returns once the drain has finished. The supervisor logs the drain too,
-so the story is in the container log even though the kubelet shows a hook's output only when the
-hook fails. After a prestop-triggered drain, the SIGTERM the kubelet sends next is forwarded to
+channel (control/protocol.py) to start the drain, or joins the one already running, prints
+the drain's events as they come, and returns once the drain has finished. The supervisor logs
+the drain too, so the story is in the container log even though the kubelet shows a hook's
+output only when the hook fails. After a prestop-triggered drain, the SIGTERM the kubelet sends next is forwarded to
 the app at once.
 
 Without a supervisor (the app itself is PID 1), it runs the same drain itself: delay, down call,
@@ -196,7 +196,7 @@ def _standalone(
     from drainctl.drain.machine import Drain
     from drainctl.pid1.loop import Loop
 
-    loop = Loop(clock)
+    loop = Loop(events, clock)
     # No `send`: the drain ends in DONE and never signals the app.
     drain = Drain(config, events, real_seams(config, clock, loop.runner, auto_ports))
     target = Target(drain=drain, mode="standalone", started_at=clock(), app_pid=lambda: None)
@@ -211,9 +211,14 @@ def _standalone(
     loop.add(drain)
     if server is not None:
         loop.add(server)
+    failed: list[BaseException] = []
+    loop.on_error = lambda where, exc: failed.append(exc) if where == "drain" else None
     try:
         drain.prestop(None)
         while not drain.done:
+            if failed:  # logged as an `error` event already: no drain to wait for any more
+                raise PrestopError(f"the drain failed ({type(failed[0]).__name__}: "
+                                   f"{failed[0]})", EXIT_LEFT)
             loop.turn(max_wait=_MAX_SLEEP)
         code = drain.exit_code
         assert code is not None

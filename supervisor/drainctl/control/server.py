@@ -315,7 +315,7 @@ class Server:
                 return
             self._reply(conn, {"type": "status", **status_reply(target, result, self._clock())})
 
-        self._loop.runner.submit(work, done)
+        self._loop.runner_for("server").submit(work, done)
 
     def _prestop(self, conn: _Conn) -> None:
         drain = self.drain

@@ -6,6 +6,7 @@ only when a drain needs them, so PID 1 starts lean.
 
 from __future__ import annotations
 
+from drainctl import faults
 from drainctl.drain.machine import Seams
 
 TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (machine.py)
@@ -32,6 +33,7 @@ def real_seams(
     counter: list[Counter] = []
 
     def count(ports: Sequence[int], idle_grace: float | None) -> Counts:
+        faults.check("job:count")
         if not counter:
             from drainctl.drain.connections import make_counter
 
@@ -44,6 +46,7 @@ def real_seams(
     if url is not None:
 
         def call_down(deadline: float) -> DownResult:
+            faults.check("job:down")
             from drainctl.drain import downcall
 
             return downcall.call_down(
@@ -54,13 +57,19 @@ def real_seams(
             path = config.probe_path
 
             def probe() -> ProbeResult:
+                faults.check("job:probe")
                 from drainctl.drain import downcall
 
                 return downcall.probe_connection_close(
                     downcall.probe_url(url, path), timeout=min(2.0, config.down_timeout)
                 )
 
+    def lookup() -> list[int]:
+        faults.check("job:lookup")
+        return lookup_ports()
+
     def prepare() -> None:
+        faults.check("job:prepare")
         # httpx and httpcore (imported by httpx's transport on first use) cost ~200 ms or more
         # to import: pay that during the delay, not in the down call's time.
         if url is not None:
@@ -70,6 +79,6 @@ def real_seams(
             from drainctl.drain import downcall  # noqa: F401
         count([], None)
 
-    return Seams(clock=clock, runner=runner, count=count, lookup_ports=lookup_ports,
+    return Seams(clock=clock, runner=runner, count=count, lookup_ports=lookup,
                  call_down=call_down, probe=probe, send=send, group_alive=group_alive,
                  prepare=prepare)

@@ -23,7 +23,7 @@ import enum
 import os
 import signal
 
-from drainctl import exitcodes
+from drainctl import exitcodes, faults
 from drainctl.drain.budget import Budget
 from drainctl.signames import signal_name
 
@@ -142,6 +142,7 @@ class _Wait:
         self.lookups = 0
         self.lookup_pending = False
         self.looked_up_at: float | None = None
+        self.next_lookup_at = 0.0  # after a failed lookup
         self.count_pending = False
         self.next_count_at = 0.0
         self.last: Counts | None = None
@@ -262,6 +263,7 @@ class Drain:
 
     def tick(self) -> None:
         """Advance on time and on results that came back; call after every wake-up."""
+        faults.check("drain")
         now = self.seams.clock()
         if self.phase is Phase.DELAY and now >= self._offset(self._budget.delay_end):
             self._enter(self._after_delay(), "delay.finished", elapsed_s=self._elapsed(now))
@@ -302,6 +304,8 @@ class Drain:
                 times.append(self._wait_until)
             if not self._wait.count_pending and self._wait.ports:
                 times.append(self._wait.next_count_at)
+            if self._wait.ports is None and not self._wait.lookup_pending:
+                times.append(self._wait.next_lookup_at)
         if phase in (Phase.STOPPING, Phase.CLEANUP) and self._kill_at is not None:
             times.append(self._kill_at)
         if phase is Phase.KILLED and self._give_up_at is not None:
@@ -376,10 +380,19 @@ class Drain:
         self._enter(Phase.DELAY, "drain.started", trigger=trigger,
                     deadline_s=round(self._budget.stop_deadline, 3))
         if self.seams.prepare is not None:
-            self.seams.runner.submit(self.seams.prepare, lambda _: None)
+            self.seams.runner.submit(self.seams.prepare, self._prepared)
         if self._wait.ports is None:
             self._lookup_ports()
         self.tick()
+
+    def _prepared(self, result: object) -> None:
+        if isinstance(result, Exception):
+            self._job_failed("prepare", result)
+
+    def _job_failed(self, job: str, exc: Exception) -> None:
+        """A job with no event of its own failed: say so (the drain goes on without it)."""
+        self.events.emit("error", where=f"job:{job}", type=type(exc).__name__,
+                         message=str(exc)[:500])
 
     def _after_delay(self) -> Phase:
         return Phase.DOWN if self.seams.call_down is not None and self.config.down_url else (
@@ -438,6 +451,7 @@ class Drain:
 
     def _probe_done(self, result: ProbeResult | Exception) -> None:
         if isinstance(result, Exception):
+            self._job_failed("probe", result)
             return
         message = result.warning()
         if message:
@@ -459,13 +473,19 @@ class Drain:
     def _tick_wait(self, now: float) -> None:
         wait = self._wait
         # Results can arrive inline (an inline runner) and finish the wait under our feet.
-        if self.phase is not Phase.WAITING or wait.ports is None or wait.lookup_pending:
-            return
-        if not wait.ports:
-            self._finish("no-ports")
+        if self.phase is not Phase.WAITING:
             return
         if self._wait_until is not None and now >= self._wait_until:
             self._finish("drained" if self._holding() == 0 else "timeout")
+            return
+        if wait.lookup_pending:
+            return
+        if wait.ports is None:  # the last lookup failed: never guess "no ports" from an error
+            if now >= wait.next_lookup_at:
+                self._lookup_ports()
+            return
+        if not wait.ports:
+            self._finish("no-ports")
             return
         if not wait.count_pending and now >= wait.next_count_at:
             wait.count_pending = True
@@ -517,7 +537,8 @@ class Drain:
         wait.looked_up_at = self.seams.clock()
         if isinstance(result, Exception):
             self.events.emit("connections.error", error=f"port lookup: {result}")
-            result = []
+            wait.next_lookup_at = wait.looked_up_at + self.config.poll_interval
+            return
         wait.ports = sorted(result)
         if self.phase is Phase.WAITING:
             if not wait.ports and wait.lookups < 2:

@@ -7,20 +7,32 @@ Everything that can take time runs elsewhere and comes back through the inbox: s
 by one sigwaitinfo thread, pid1/signals.py) and jobs (the runner's threads: port lookups,
 counts, the down call). So the loop itself never blocks but in select, and select never waits
 past the earliest deadline any part asked for.
+
+Nothing that goes wrong in a part stops the loop (README, "Reliability"): an exception in a
+callback, a job's result handler or a part's tick is caught, logged once as an `error` event
+(where, type, message), and handed to the host's `on_error`, which decides what still runs. A job
+that dies with a BaseException (SystemExit from a frozen binary whose files were removed) comes
+back as an error result, and is logged; a job that cannot get a thread (a pids limit) runs
+inline, bounded by its own timeouts, and that is said once in a `warning` event.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import selectors
 import threading
 import time
 
+from drainctl import faults
+
 TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (drain/machine.py)
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Protocol, TypeVar
+
+    from drainctl.events import Events
 
     T = TypeVar("T")
 
@@ -31,7 +43,7 @@ if TYPE_CHECKING:
 
         def next_wakeup(self) -> float | None: ...
 
-__all__ = ["Inbox", "JobDone", "Loop", "Signal", "ThreadRunner"]
+__all__ = ["Inbox", "JobDied", "JobDone", "Loop", "Signal", "ThreadRunner"]
 
 
 class Signal:
@@ -47,11 +59,12 @@ class Signal:
 class JobDone:
     """A job's result (or the exception it raised), for its `done` callback in the loop."""
 
-    __slots__ = ("done", "result")
+    __slots__ = ("done", "owner", "result")
 
-    def __init__(self, done: Callable[[object], None], result: object) -> None:
+    def __init__(self, done: Callable[[object], None], result: object, owner: str = "job") -> None:
         self.done = done
         self.result = result
+        self.owner = owner  # who submitted it: where an error in `done` is reported
 
 
 class Inbox:
@@ -88,34 +101,66 @@ class Inbox:
         os.close(self._write_fd)
 
 
-class ThreadRunner:
-    """Runs each job in a daemon thread; its result comes back to the loop through the inbox."""
+class JobDied(Exception):
+    """A job ended with a BaseException that is not an Exception (SystemExit...)."""
 
-    def __init__(self, inbox: Inbox) -> None:
+
+class ThreadRunner:
+    """Runs each job in a daemon thread; its result comes back to the loop through the inbox.
+
+    When no thread can be had, the job runs at once in the caller (`on_inline` is told once).
+    """
+
+    def __init__(self, inbox: Inbox, on_died: Callable[[BaseException], None],
+                 on_inline: Callable[[str], None], owner: str = "job") -> None:
         self._inbox = inbox
+        self._on_died = on_died
+        self._on_inline = on_inline
+        self._inline_said = False
+        self.owner = owner
 
     def submit(self, work: Callable[[], T], done: Callable[[T | Exception], None]) -> None:
-        def job() -> None:
+        def job() -> object:
             try:
-                result: T | Exception = work()
+                return work()
             except Exception as exc:
-                result = exc
-            self._inbox.put(JobDone(done, result))  # type: ignore[arg-type]
+                return exc
+            except BaseException as exc:  # SystemExit, KeyboardInterrupt in a worker...
+                self._on_died(exc)
+                return JobDied(f"{type(exc).__name__}: {exc}")
 
-        threading.Thread(target=job, name="drainctl-job", daemon=True).start()
+        def threaded() -> None:
+            self._inbox.put(JobDone(done, job(), self.owner))  # type: ignore[arg-type]
+
+        try:
+            threading.Thread(target=threaded, name="drainctl-job", daemon=True).start()
+        except RuntimeError as exc:  # can't start new thread
+            if not self._inline_said:
+                self._inline_said = True
+                self._on_inline(f"cannot start a thread ({exc}): jobs run in the loop, one at "
+                                "a time, bounded by their own timeouts")
+            self._inbox.put(JobDone(done, job(), self.owner))  # type: ignore[arg-type]
 
 
 class Loop:
     """select -> inbox -> parts, with a typed inbox, a job runner and one wait for all."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, events: Events, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
+        self.events = events
         self.inbox = Inbox()
-        self.runner = ThreadRunner(self.inbox)
+        self.runner = ThreadRunner(self.inbox, self._job_died, self._warn)
         self.on_signal: Callable[[Signal], None] = lambda _signal: None
+        # What the host does about an error at `where`, after it was logged.
+        self.on_error: Callable[[str, BaseException], None] = lambda _where, _exc: None
         self._parts: list[Part] = []
         self._selector = selectors.DefaultSelector()
         self._selector.register(self.inbox.read_fd, selectors.EVENT_READ, None)
+        self._logged: set[tuple[str, str]] = set()
+
+    def runner_for(self, owner: str) -> ThreadRunner:
+        """A runner whose results' handlers report their errors as `owner`'s."""
+        return ThreadRunner(self.inbox, self._job_died, self._warn, owner)
 
     def add(self, part: Part) -> None:
         """Advance `part` after every wake-up, in the order parts were added."""
@@ -130,24 +175,69 @@ class Loop:
 
     def turn(self, max_wait: float | None = None) -> None:
         """One round: wait until something is due, hand out what came, advance every part."""
-        for key, _ in self._selector.select(self._timeout(max_wait)):
+        try:
+            faults.check("loop")
+            ready = self._selector.select(self._timeout(max_wait))
+        except Exception as exc:
+            self.error("loop", exc)
+            time.sleep(0.01)  # whatever broke select, never spin on it
+            ready = []
+        for key, _ in ready:
             if key.data is not None:
-                key.data()
+                self._guarded("socket", key.data)
         for item in self.inbox.take():
             if isinstance(item, Signal):
-                self.on_signal(item)
+                self._guarded("signal", functools.partial(self.on_signal, item))
             else:
-                item.done(item.result)
-        for part in self._parts:
-            part.tick()
+                self._guarded(item.owner, functools.partial(item.done, item.result))
+        for part in list(self._parts):
+            self._guarded(_name(part), part.tick)
+
+    def replace(self, old: Part, new: Part) -> None:
+        """Advance `new` where `old` was (the host's backstop taking over from a failed part)."""
+        self._parts[self._parts.index(old)] = new
+
+    def error(self, where: str, exc: BaseException) -> None:
+        """Log an unexpected error once per place and kind, then tell the host."""
+        key = (where, type(exc).__name__)
+        if key not in self._logged:
+            self._logged.add(key)
+            self.events.emit("error", where=where, type=type(exc).__name__,
+                             message=str(exc)[:500])
+        self.on_error(where, exc)
 
     def close(self) -> None:
         self._selector.close()
         self.inbox.close()
 
+    def _guarded(self, where: str, call: Callable[[], object]) -> None:
+        try:
+            call()
+        except Exception as exc:
+            self.error(where, exc)
+
+    def _job_died(self, exc: BaseException) -> None:
+        # In the job's thread: only record; the loop logs it when it takes this.
+        self.inbox.put(JobDone(lambda _result: self.error("job", exc), None))
+
+    def _warn(self, message: str) -> None:
+        self.events.emit("warning", message=message)
+
     def _timeout(self, max_wait: float | None) -> float | None:
         now = self.clock()
-        times = [t for t in (part.next_wakeup() for part in self._parts) if t is not None]
+        times = []
+        for part in self._parts:
+            try:
+                wake = part.next_wakeup()
+            except Exception as exc:
+                self.error(_name(part), exc)
+                wake = now + 0.1  # come back soon rather than sleep forever
+            if wake is not None:
+                times.append(wake)
         if max_wait is not None:
             times.append(now + max_wait)
         return max(0.0, min(times) - now) if times else None
+
+
+def _name(part: Part) -> str:
+    return type(part).__name__.lower().lstrip("_")

@@ -9,8 +9,10 @@
 Every rule of the shutdown (what a signal means, when the app gets its stop signal, SIGKILL,
 the clean-up of its group, the exit code) is the drain's (drain/machine.py); this host only feeds
 it facts (signals, the app's exit) and carries out its requests (send a signal, run a job).
-The only other threads are the signal waiter (it records) and short-lived jobs. Reaping never
-waits on HTTP.
+The only other threads are the signal waiter (it records), the log writer (events.py) and
+short-lived jobs. Reaping never waits on HTTP. If the drain itself fails (a bug: an `error`
+event), the backstop (backstop.py) takes over its facts and keeps the budget's deadlines and
+the exit code.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import time
 
 from drainctl.drain import termination
 from drainctl.drain.jobs import real_seams
-from drainctl.drain.machine import Drain
+from drainctl.drain.machine import Drain, Phase
 from drainctl.pid1 import reaper
+from drainctl.pid1.backstop import Backstop
 from drainctl.pid1.loop import Loop, Signal
 from drainctl.pid1.signals import SignalWaiter, block_all
 from drainctl.pid1.spawn import spawn
@@ -62,11 +65,13 @@ class Supervisor:
         self.events = events
         self.clock = clock
         self.started_at = clock()
-        self.loop = Loop(clock)
+        self.loop = Loop(events, clock)
         self.child: Child | None = None
         self.drain = Drain(config, events, real_seams(
-            config, clock, self.loop.runner, self._lookup_ports, send=self._send,
+            config, clock, self.loop.runner_for("drain"), self._lookup_ports, send=self._send,
             group_alive=self._group_alive))
+        self.backstop: Backstop | None = None
+        self._first_sigterm: float | None = None
         self._open_services = list(services)
         self._services: list[Service] = []
 
@@ -80,8 +85,9 @@ class Supervisor:
                                  "orphans of the app will not be reaped by drainctl")
         self.drain.check_budget()
         self.child = child = spawn(self.argv, inherited_mask)
+        self.events.start_writer()  # after the fork: from now on a thread writes the log
         self.drain.app_started(child.pid, self.argv)
-        self.loop.add(_Reaper(child.pid, self.drain))
+        self.loop.add(_Reaper(child.pid, self._on_app_exit))
         self.loop.add(self.drain)
         # After the spawn: a service that fails to open only warns, and never delays the app.
         for open_service in self._open_services:
@@ -90,10 +96,14 @@ class Supervisor:
                 self._services.append(service)
                 self.loop.add(service)
         self.loop.on_signal = self._on_signal
+        self.loop.on_error = self._on_error
         SignalWaiter(lambda signo, sender: self.loop.inbox.put(Signal(signo, sender))).start()
         try:
-            while not self.drain.done:
+            while not self._done():
                 self.loop.turn()
+            if self.backstop is not None:
+                assert self.backstop.exit_code is not None
+                return self.backstop.exit_code
             code = self.drain.exit_code
             assert code is not None
             termination.report(self.config.termination_log, self.drain, self.clock(), code,
@@ -103,9 +113,51 @@ class Supervisor:
             for service in self._services:
                 service.close()
 
+    def _done(self) -> bool:
+        return self.backstop.done if self.backstop is not None else self.drain.done
+
     def _on_signal(self, received: Signal) -> None:
-        if received.signo != signal.SIGCHLD:  # the reap after every wake-up handles that one
-            self.drain.signal(received.signo, received.sender)
+        signo, sender = received.signo, received.sender
+        if signo == signal.SIGCHLD:
+            return  # the reap after every wake-up handles that one
+        if signo == signal.SIGTERM and self._first_sigterm is None:
+            self._first_sigterm = self.clock()
+        if self.backstop is not None:
+            self.backstop.signal(signo, sender)
+            return
+        try:
+            self.drain.signal(signo, sender)
+        except Exception as exc:
+            self.loop.error("drain", exc)
+            if self.backstop is not None and signo != signal.SIGTERM:
+                self.backstop.signal(signo, sender)  # SIGTERM's time zero is recorded above
+
+    def _on_app_exit(self, pid: int, status: int) -> None:
+        if self.backstop is not None:
+            self.backstop.app_exited(pid, status)
+            return
+        try:
+            self.drain.app_exited(pid, status)
+        except Exception as exc:
+            self.loop.error("drain", exc)
+            if self.backstop is not None:
+                self.backstop.app_status = status
+                self.backstop.tick()
+
+    def _on_error(self, where: str, exc: BaseException) -> None:
+        """The drain failed: the backstop carries on from what the drain had done."""
+        if where != "drain" or self.backstop is not None or self.child is None:
+            return
+        drain = self.drain
+        stop_sent = drain.phase in (Phase.STOPPING, Phase.KILLED, Phase.CLEANUP)
+        self.backstop = Backstop(
+            self.config, self.events, self.clock, self.child,
+            t0=drain.t0 if drain.t0 is not None else self._first_sigterm,
+            stop_sent=stop_sent, app_status=drain.app_status)
+        self.loop.replace(drain, self.backstop)
+        self.events.emit("warning", message="the drain failed: from now on drainctl only "
+                         "forwards signals, sends the stop signal at the budget's deadline, "
+                         "SIGKILL after stop-timeout, and exits with the app's code")
 
     # ---- what the drain asks of the world ----------------------------------------------------
 
@@ -126,14 +178,14 @@ class Supervisor:
 class _Reaper:
     """Reaps after every wake-up: the app's exit is a fact for the drain, orphans just go."""
 
-    def __init__(self, app_pid: int, drain: Drain) -> None:
+    def __init__(self, app_pid: int, app_exited: Callable[[int, int], None]) -> None:
         self._app_pid = app_pid
-        self._drain = drain
+        self._app_exited = app_exited
 
     def tick(self) -> None:
         for pid, status in reaper.reap():
             if pid == self._app_pid:
-                self._drain.app_exited(pid, status)
+                self._app_exited(pid, status)
 
     def next_wakeup(self) -> float | None:
         return None
