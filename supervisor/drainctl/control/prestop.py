@@ -4,8 +4,8 @@ With a supervisor (`drainctl run` is the ENTRYPOINT), it asks the supervisor ove
 channel (control/protocol.py) to start the drain, or joins the one already running, prints
 the drain's events as they come, and returns once the drain has finished. The supervisor logs
 the drain too, so the story is in the container log even though the kubelet shows a hook's
-output only when the hook fails. After a prestop-triggered drain, the SIGTERM the kubelet sends next is forwarded to
-the app at once.
+output only when the hook fails. After a prestop-triggered drain, the SIGTERM the kubelet sends
+next is forwarded to the app at once.
 
 Without a supervisor (the app itself is PID 1), it runs the same drain itself: delay, down call,
 connection wait, all inside the same budget (`grace-period - stop-timeout` from its start, so the
