@@ -133,6 +133,10 @@ class Processes:
         self.started.append(proc)
         return proc
 
+    def track(self, popen: subprocess.Popen[bytes]) -> None:
+        """Clean up a process started another way, like the ones started here."""
+        self.started.append(Proc(popen, self.tmp / "untracked.out", self.tmp / "untracked.err"))
+
     def drainctl(self, *args: str, pid1: bool = False, **kwargs: Any) -> Proc:
         argv = [*drainctl_argv(), *args]
         if pid1:

@@ -95,8 +95,9 @@ class Events:
         if self._out is not None:
             self._out.write(line + "\n")
             return
+        if self._stream is None:
+            return  # stderr was closed at start-up: nowhere to write, and nothing to count
         try:
-            assert self._stream is not None
             self._stream.write(line + "\n")
             self._stream.flush()
         except (OSError, ValueError):

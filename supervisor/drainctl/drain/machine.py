@@ -182,6 +182,7 @@ class Drain:
         self._down_result: DownResult | Exception | None = None
         self._down_token = 0
         self._sigterm_seen = False
+        self._failures: set[tuple[str, str]] = set()
 
     @property
     def supervising(self) -> bool:
@@ -390,7 +391,11 @@ class Drain:
             self._job_failed("prepare", result)
 
     def _job_failed(self, job: str, exc: Exception) -> None:
-        """A job with no event of its own failed: say so (the drain goes on without it)."""
+        """A job failed unexpectedly: one `error` event per job and kind (the drain goes on)."""
+        key = (job, type(exc).__name__)
+        if key in self._failures:
+            return
+        self._failures.add(key)
         self.events.emit("error", where=f"job:{job}", type=type(exc).__name__,
                          message=str(exc)[:500])
 
@@ -428,6 +433,7 @@ class Drain:
                 (now - self._offset(self._budget.delay_end)) * 1000.0, 1))
         elif isinstance(result, Exception):  # call_down never raises; this is a bug guard
             fields.update(error=f"{type(result).__name__}: {result}", elapsed_ms=0.0)
+            self._job_failed("down", result)
         else:
             if result.status is not None:
                 fields["status"] = result.status
@@ -504,6 +510,8 @@ class Drain:
         if isinstance(result, Exception):
             # A transient read error never aborts the drain (istio#50596): log, count again.
             self.events.emit("connections.error", error=f"{type(result).__name__}: {result}")
+            if not isinstance(result, OSError):
+                self._job_failed("count", result)
             return
         wait.last = result
         key = tuple(result.ports[p].established for p in sorted(result.ports))
@@ -537,6 +545,8 @@ class Drain:
         wait.looked_up_at = self.seams.clock()
         if isinstance(result, Exception):
             self.events.emit("connections.error", error=f"port lookup: {result}")
+            if not isinstance(result, OSError):
+                self._job_failed("lookup", result)
             wait.next_lookup_at = wait.looked_up_at + self.config.poll_interval
             return
         wait.ports = sorted(result)
