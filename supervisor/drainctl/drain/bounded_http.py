@@ -40,7 +40,9 @@ import httpx
 __all__ = ["DeadlineBackend", "deadline_transport"]
 
 # Options as httpcore passes them to connect_tcp: (level, option, value).
-SocketOption = tuple[int, int, int | bytes] | tuple[int, int, None, int]
+SocketOption = (
+    tuple[int, int, int] | tuple[int, int, bytes | bytearray] | tuple[int, int, None, int]
+)
 
 
 class DeadlineBackend(httpcore.NetworkBackend):
