@@ -37,7 +37,9 @@ from typing import Any
 import httpcore
 import httpx
 
-__all__ = ["DeadlineBackend", "deadline_transport"]
+__all__ = ["DeadlineBackend", "deadline_transport", "tls_context"]
+
+_TLS_CONTEXT: list[ssl.SSLContext] = []  # built once per process: loading the CAs is slow
 
 # Options as httpcore passes them to connect_tcp: (level, option, value).
 SocketOption = (
@@ -196,16 +198,21 @@ class DeadlineStream(httpcore.NetworkStream):
 
 def deadline_transport(backend: DeadlineBackend, *, https: bool) -> httpx.BaseTransport:
     """An httpx transport over `backend`: one connection, no proxy, no environment."""
-    ssl_context: ssl.SSLContext | None = None
-    if https:
-        # What httpx uses with verify=True: the certifi bundle (a dependency of httpx).
-        import certifi
-
-        ssl_context = ssl.create_default_context(cafile=certifi.where())
+    ssl_context = tls_context() if https else None
     pool = httpcore.ConnectionPool(
         ssl_context=ssl_context, max_connections=1, network_backend=backend
     )
     return _Transport(pool)
+
+
+def tls_context() -> ssl.SSLContext:
+    """What httpx uses with verify=True: the certifi bundle (a dependency of httpx); one per
+    process, as loading it takes ~40-130 ms."""
+    if not _TLS_CONTEXT:
+        import certifi
+
+        _TLS_CONTEXT.append(ssl.create_default_context(cafile=certifi.where()))
+    return _TLS_CONTEXT[0]
 
 
 class _Transport(httpx.HTTPTransport):

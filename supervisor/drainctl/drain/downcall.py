@@ -39,6 +39,7 @@ __all__ = [
     "probe_url",
     "redact_url",
     "validate_down_url",
+    "warm_up",
 ]
 
 # Attempts of one down call (the first and two retries), as the supervisor makes it.
@@ -46,7 +47,8 @@ ATTEMPTS = 3
 # What an attempt may take past its timeout: the deadline is checked before and enforced on
 # every socket operation (bounded_http.py), so only the work between two operations (a few
 # milliseconds, more on a loaded node) and the thread hand-over come on top. Measured on loopback
-# with the slow servers of tests/test_downcall_deadline.py: under 25 ms on an idle machine.
+# with the slow servers of tests/test_downcall_deadline.py: at most 30 ms, median 1-3 ms, on
+# 2 cores at load average 15.
 ATTEMPT_MARGIN_S = 0.1
 
 # Back-off between attempts: 0.2 s, 0.4 s, 0.8 s... capped, so a few retries fit in the few
@@ -181,6 +183,8 @@ def call_down(
     status: int | None = None
     error: str | None = None
     try:
+        warm_up()  # the imports, once per process; the TLS context counts in the first attempt
+        setup = clock()
         client, backend = _client(url, transport)
     except Exception as exc:  # never raise: the drain goes on without the down call
         return DownResult(url, None, _scrub(_short(exc), url), _ms(clock() - start), 0)
@@ -191,7 +195,11 @@ def call_down(
         room = min(_MIN_ATTEMPT_S, timeout)
         backoff = _BACKOFF_FIRST_S
         for _ in range(max(1, attempts)):
-            budget = timeout if deadline is None else min(timeout, deadline - clock())
+            budget = timeout
+            if made == 0:  # the first attempt's time includes setting up the client
+                budget = max(room, timeout - (clock() - setup))
+            if deadline is not None:
+                budget = min(budget, deadline - clock())
             if budget < room:
                 if made == 0:
                     error = "deadline"  # passed, or too close to start even one attempt
@@ -255,6 +263,22 @@ def probe_connection_close(
     finally:
         if transport is None:
             client.close()
+
+
+def warm_up(url: str | None = None) -> None:
+    """Import httpx and the deadline transport, and build the TLS context an https `url` needs.
+
+    Each is done once per process; `call_down` does what is left. The supervisor calls this
+    during the delay, so that none of it (~0.2 s to import, ~40-130 ms to load the CA bundle)
+    falls in the down call's time. Never raises for a bad URL.
+    """
+    import httpcore  # noqa: F401  (httpx imports it on first use)
+    import httpx  # noqa: F401
+
+    from drainctl.drain import bounded_http
+
+    if url is not None and urlsplit(url).scheme.lower() == "https":
+        bounded_http.tls_context()
 
 
 def _client(
