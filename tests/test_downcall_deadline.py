@@ -21,6 +21,8 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -38,6 +40,7 @@ from tests.test_downcall import Server, answering
 # What an attempt may run past its timeout here: ATTEMPT_MARGIN_S (what the drain's budget
 # counts) plus room for a loaded CI machine (2 cores shared by many jobs).
 MARGIN_S = ATTEMPT_MARGIN_S + 0.25
+T = TypeVar("T")
 SLOW_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Filler: " + b"x" * 64 + b"\r\n\r\nok"
 
 
@@ -61,7 +64,7 @@ def trickling(
     return handler
 
 
-def timed(work: Callable[[], object]) -> tuple[object, float]:
+def timed(work: Callable[[], T]) -> tuple[T, float]:
     start = time.monotonic()
     result = work()
     return result, time.monotonic() - start
@@ -232,11 +235,9 @@ BLACKHOLE_DNS = textwrap.dedent(
 
 @pytest.mark.skipif(not (IS_ROOT and shutil.which("unshare") and shutil.which("ip")),
                     reason="needs root, unshare(1) and ip(8) for a namespace with its own DNS")
-def test_a_dns_server_that_never_answers_ends_at_the_timeout(tmp_path: object) -> None:
-    from pathlib import Path
-
+def test_a_dns_server_that_never_answers_ends_at_the_timeout(tmp_path: Path) -> None:
     supervisor = str(Path(__file__).resolve().parent.parent / "supervisor")
-    conf = Path(str(tmp_path)) / "resolv.conf"
+    conf = tmp_path / "resolv.conf"
     done = subprocess.run(
         ["unshare", "--net", "--mount", sys.executable, "-c", BLACKHOLE_DNS, supervisor,
          str(conf)],

@@ -71,7 +71,7 @@ def test_redact_url(url: str, shown: str) -> None:
 
 
 _PART = st.text(
-    alphabet=st.characters(blacklist_characters="@/?#&=:", blacklist_categories=("Cs",)),
+    alphabet=st.characters(exclude_characters="@/?#&=:", exclude_categories=["Cs"]),
     min_size=1, max_size=20,
 )
 
