@@ -37,10 +37,12 @@ if TYPE_CHECKING:
 
 
 def format_json(record: dict[str, Any]) -> str:
+    record = _redacted(record)
     return json.dumps(record, separators=(", ", ": "), default=str)
 
 
 def format_text(record: dict[str, Any]) -> str:
+    record = _redacted(record)
     stamp = time.strftime("%H:%M:%S", time.localtime(record["ts"]))
     millis = int((record["ts"] % 1) * 1000)
     fields = " ".join(
@@ -49,6 +51,17 @@ def format_text(record: dict[str, Any]) -> str:
         if key not in ("ts", "event")
     )
     return f"{stamp}.{millis:03d} drainctl {record['event']}" + (f" {fields}" if fields else "")
+
+
+def _redacted(record: dict[str, Any]) -> dict[str, Any]:
+    """A `url` field is shown without password or query values (redact.py), whoever
+    emitted it: this process, or a supervisor whose events `prestop` relays."""
+    url = record.get("url")
+    if not isinstance(url, str):
+        return record
+    from drainctl.redact import redact_url
+
+    return {**record, "url": redact_url(url)}
 
 
 def _text_value(value: Any) -> str:
@@ -85,7 +98,8 @@ class Events:
             self._out.report = self._dropped_line
 
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:
-        record: dict[str, Any] = {"ts": round(self._clock(), 6), "event": event, **fields}
+        record: dict[str, Any] = _redacted({"ts": round(self._clock(), 6), "event": event,
+                                            **fields})
         self.write_line(self._format(record))
         for listener in list(self._listeners):
             listener(record)

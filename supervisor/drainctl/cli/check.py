@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from drainctl.control import client as control
 from drainctl.drain.budget import Budget
 from drainctl.options import OPTIONS, Config, RawValue
+from drainctl.redact import redact_url
 
 __all__ = ["EXIT_BROKEN", "EXIT_OK", "check"]
 
@@ -80,11 +81,11 @@ def check(config: Config, given: Mapping[str, RawValue], out: TextIO | None = No
                                  min(config.down_timeout, _CONNECT_TIMEOUT_MAX))
         if unreachable:
             problems.append(unreachable)
-            line("down URL", f"{config.down_url}")
+            line("down URL", redact_url(config.down_url))
             line("  PROBLEM", unreachable)
         else:
-            line("down URL", f"{config.down_url}: its host:port accepts TCP connections "
-                             "(not called)")
+            line("down URL", f"{redact_url(config.down_url)}: its host:port accepts TCP "
+                             "connections (not called)")
 
     line("termination log", _termination_log(config.termination_log))
 
@@ -115,7 +116,7 @@ def _reachable(url: str, timeout: float) -> str | None:
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
-        return f"{url}: not a valid port"
+        return f"{redact_url(url)}: not a valid port"
     try:
         with socket.create_connection((host, port), timeout=timeout):
             pass  # connected: that is all we wanted to know; nothing is sent
@@ -128,8 +129,13 @@ def _reachable(url: str, timeout: float) -> str | None:
 def _termination_log(path: str | None) -> str:
     if not path:
         return "off"
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return f"{path} does not exist: no summary (Kubernetes creates it in every container)"
+    from drainctl.drain.termination import refusal
+
+    why = refusal(path)
+    if why is not None:
+        return f"{path} {why} (the drain writes only to a regular file)"
     if not os.access(path, os.W_OK):
         return f"{path} is not writable: no summary"
     return f"{path}: the drain's summary goes there"
@@ -139,6 +145,11 @@ def _manifest(config: Config, given: Mapping[str, RawValue], broken: bool) -> st
     command = [_binary(), "prestop", *_flags(given)]
     grace = math.ceil(config.grace_period)
     lines = ["Pod spec:"]
+    if _secret_url(given) is not None:
+        lines.append("  # --down-url carries credentials or query values, which a pod spec "
+                     "shows to anyone who can read it: left out of the command; give it as "
+                     "DRAINCTL_DOWN_URL in the container's env (from a Secret), the hook "
+                     "inherits it")
     if broken:
         # Enough for the delay, one settle of the wait (or the drain-timeout), and stop-timeout.
         wait = config.drain_timeout if config.drain_timeout is not None else config.settle
@@ -176,6 +187,8 @@ def _flags(given: Mapping[str, RawValue]) -> list[str]:
         value = given.get(option.name)
         if value is None or value is False or value == [] or value == ():
             continue
+        if option.name == "down_url" and _secret_url(given) is not None:
+            continue
         if value is True:
             flags.append(option.flag)
         elif isinstance(value, str):
@@ -184,6 +197,12 @@ def _flags(given: Mapping[str, RawValue]) -> list[str]:
             for item in value:
                 flags += [option.flag, item]
     return flags
+
+
+def _secret_url(given: Mapping[str, RawValue]) -> str | None:
+    """The down URL given on the command line, if it holds something redact_url hides."""
+    url = given.get("down_url")
+    return url if isinstance(url, str) and redact_url(url) != url else None
 
 
 def _s(seconds: float) -> str:

@@ -50,13 +50,13 @@ class Budget:
         """When the down phase gives up (an offset), given the offset at which it started.
 
         Its own share of the budget, so the connection wait always gets time: at most what the
-        down call's attempts take (downcall.longest_call), and at most half of what is left
+        down call's attempts take (downcall.down_call_max_s), and at most half of what is left
         until the stop signal.
         """
-        from drainctl.drain.downcall import longest_call
+        from drainctl.drain.downcall import down_call_max_s
 
         left = max(0.0, self.stop_deadline - started)
-        return started + min(longest_call(down_timeout), left / 2)
+        return started + min(down_call_max_s(down_timeout), left / 2)
 
     def problems(self) -> list[str]:
         """What cannot fit, with the numbers (warned about at start-up; `check` fails on them)."""

@@ -21,24 +21,40 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from drainctl.redact import redact_url
+
 if TYPE_CHECKING:
     import httpx
 
+    from drainctl.drain.bounded_http import DeadlineBackend
+
 __all__ = [
+    "ATTEMPTS",
+    "ATTEMPT_MARGIN_S",
     "DownResult",
     "ProbeResult",
     "call_down",
-    "longest_call",
+    "down_call_max_s",
     "probe_connection_close",
     "probe_url",
+    "redact_url",
     "validate_down_url",
+    "warm_up",
 ]
+
+# Attempts of one down call (the first and two retries), as the supervisor makes it.
+ATTEMPTS = 3
+# What an attempt may take past its timeout: the deadline is checked before and enforced on
+# every socket operation (bounded_http.py), so only the work between two operations (a few
+# milliseconds, more on a loaded node) and the thread hand-over come on top. Measured on loopback
+# with the slow servers of tests/test_downcall_deadline.py: at most 30 ms, median 1-3 ms, on
+# 2 cores at load average 15.
+ATTEMPT_MARGIN_S = 0.1
 
 # Back-off between attempts: 0.2 s, 0.4 s, 0.8 s... capped, so a few retries fit in the few
 # seconds a drain gives the down call.
 _BACKOFF_FIRST_S = 0.2
 _BACKOFF_MAX_S = 2.0
-DEFAULT_ATTEMPTS = 3
 # An attempt with less time than this is unlikely to connect and get an answer on a busy node;
 # starting it would mostly add a timeout to the log. The deadline "leaves no room" below this.
 _MIN_ATTEMPT_S = 0.05
@@ -88,40 +104,47 @@ class ProbeResult:
         )
 
 
-def longest_call(timeout: float, attempts: int = DEFAULT_ATTEMPTS) -> float:
-    """The longest `call_down` takes with these settings: every attempt times out, with back-off."""
+def down_call_max_s(timeout: float, attempts: int = ATTEMPTS) -> float:
+    """The longest a down call with this `--down-timeout` can take, all attempts and back-off.
+
+    Pure arithmetic, for the drain to give the down phase its share of the budget: `attempts`
+    attempts of `timeout` (each may run ATTEMPT_MARGIN_S over) and the back-offs between them.
+    `call_down` never runs past this, nor past the deadline it is given.
+    """
+    attempts = max(1, attempts)
     backoff, total = _BACKOFF_FIRST_S, 0.0
-    for i in range(attempts):
-        total += timeout
-        if i < attempts - 1:
-            total += backoff
-            backoff = min(backoff * 2, _BACKOFF_MAX_S)
-    return total
+    for _ in range(attempts - 1):
+        total += backoff
+        backoff = min(backoff * 2, _BACKOFF_MAX_S)
+    return attempts * (max(0.0, timeout) + ATTEMPT_MARGIN_S) + total
 
 
 def validate_down_url(url: str) -> str:
     """Return `url` if the down call can be made to it, else raise ValueError (one line).
 
     Parsed with urllib, not httpx, because this runs at start-up (see the module docstring).
+    The message shows the URL redacted (redact.py): a bad URL may still hold a password.
     """
     if not isinstance(url, str) or not url:
         raise ValueError("down URL is empty")
+    shown_url = redact_url(url)
     if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
-        raise ValueError(f"down URL {url!r} contains whitespace or control characters")
+        raise ValueError(f"down URL {shown_url!r} contains whitespace or control characters")
     try:
         parts = urlsplit(url)
         # .port raises ValueError for a non-numeric port or one outside 0-65535.
         port = parts.port
         host = parts.hostname
     except ValueError as exc:
-        raise ValueError(f"down URL {url!r} is not a valid URL: {exc}") from None
+        why = str(exc).replace(url, shown_url)
+        raise ValueError(f"down URL {shown_url!r} is not a valid URL: {why}") from None
     if parts.scheme.lower() not in ("http", "https"):
         shown = parts.scheme or "none"
-        raise ValueError(f"down URL {url!r} must use http or https (scheme: {shown})")
+        raise ValueError(f"down URL {shown_url!r} must use http or https (scheme: {shown})")
     if not host:
-        raise ValueError(f"down URL {url!r} has no host")
+        raise ValueError(f"down URL {shown_url!r} has no host")
     if port == 0:
-        raise ValueError(f"down URL {url!r} has port 0 (must be 1-65535)")
+        raise ValueError(f"down URL {shown_url!r} has port 0 (must be 1-65535)")
     return url
 
 
@@ -140,7 +163,7 @@ def call_down(
     timeout: float = 5.0,
     *,
     deadline: float | None = None,
-    attempts: int = DEFAULT_ATTEMPTS,
+    attempts: int = ATTEMPTS,
     transport: httpx.BaseTransport | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
@@ -148,18 +171,23 @@ def call_down(
     """Call the down endpoint; retry refused/reset/timeout and 5xx with back-off. Never raises.
 
     Stops at the first 2xx-4xx response (a 4xx will not change on retry), after `attempts`, or
-    when `deadline` (on `clock`) leaves no room for another attempt. Each attempt's timeout is
-    `min(timeout, time left)`. `transport` is the seam for tests (httpx.MockTransport); it is
-    left open for its owner.
+    when `deadline` (on `clock`) leaves no room for another attempt. Each attempt ends within
+    `min(timeout, time left)` (+ ATTEMPT_MARGIN_S) end to end, name resolution, connect, TLS,
+    headers and body included, whatever the server does (bounded_http.py); the whole call within
+    `down_call_max_s(timeout, attempts)` and the deadline. `transport` is the seam for tests
+    (httpx.MockTransport); it is left open for its owner. An error never shows the URL's
+    password or query values (redact.py).
     """
     start = clock()
     made = 0
     status: int | None = None
     error: str | None = None
     try:
-        client = _client(url, transport)
+        warm_up()  # the imports, once per process; the TLS context counts in the first attempt
+        setup = clock()
+        client, backend = _client(url, transport)
     except Exception as exc:  # never raise: the drain goes on without the down call
-        return DownResult(url, None, _short(exc), _ms(clock() - start), 0)
+        return DownResult(url, None, _scrub(_short(exc), url), _ms(clock() - start), 0)
     try:
         if not timeout > 0:  # also catches NaN
             return DownResult(url, None, f"invalid timeout {timeout!r}", _ms(clock() - start), 0)
@@ -167,13 +195,17 @@ def call_down(
         room = min(_MIN_ATTEMPT_S, timeout)
         backoff = _BACKOFF_FIRST_S
         for _ in range(max(1, attempts)):
-            budget = timeout if deadline is None else min(timeout, deadline - clock())
+            budget = timeout
+            if made == 0:  # the first attempt's time includes setting up the client
+                budget = max(room, timeout - (clock() - setup))
+            if deadline is not None:
+                budget = min(budget, deadline - clock())
             if budget < room:
                 if made == 0:
                     error = "deadline"  # passed, or too close to start even one attempt
                 break
             made += 1
-            status, error, retry = _attempt(client, method, url, budget, clock)
+            status, error, retry = _attempt(client, backend, method, url, budget, clock)
             if not retry or made >= attempts:
                 break
             if deadline is not None and clock() + backoff + room > deadline:
@@ -185,6 +217,7 @@ def call_down(
     finally:
         if transport is None:
             client.close()
+    error = None if error is None else _scrub(error, url)
     return DownResult(url, status, error, _ms(clock() - start), made)
 
 
@@ -201,12 +234,14 @@ def probe_connection_close(
     Never raises; None when no response came.
     """
     try:
-        client = _client(url, transport)
+        client, backend = _client(url, transport)
     except Exception as exc:
-        return ProbeResult(None, None, _short(exc))
+        return ProbeResult(None, None, _scrub(_short(exc), url))
     try:
         # No `Connection` header of our own: the point is to look like a keep-alive client.
         until = time.monotonic() + timeout
+        if backend is not None:
+            backend.until = until
         request = client.build_request("GET", url, timeout=timeout)
         response = client.send(request, stream=True, follow_redirects=False)
         try:
@@ -230,34 +265,61 @@ def probe_connection_close(
             client.close()
 
 
-def _client(url: str, transport: httpx.BaseTransport | None) -> httpx.Client:
+def warm_up(url: str | None = None) -> None:
+    """Import httpx and the deadline transport, and build the TLS context an https `url` needs.
+
+    Each is done once per process; `call_down` does what is left. The supervisor calls this
+    during the delay, so that none of it (~0.2 s to import, ~40-130 ms to load the CA bundle)
+    falls in the down call's time. Never raises for a bad URL.
+    """
+    import httpcore  # noqa: F401  (httpx imports it on first use)
+    import httpx  # noqa: F401
+
+    from drainctl.drain import bounded_http
+
+    if url is not None and urlsplit(url).scheme.lower() == "https":
+        bounded_http.tls_context()
+
+
+def _client(
+    url: str, transport: httpx.BaseTransport | None
+) -> tuple[httpx.Client, DeadlineBackend | None]:
+    """The client, and the backend whose deadline bounds each request (None with a test seam)."""
     import httpx
 
     from drainctl import __version__
 
-    # An http:// URL never does TLS here (no redirects are followed), so skip building an SSL
-    # context: loading the CA bundle costs ~40 ms of the drain's budget.
-    verify = urlsplit(url).scheme.lower() == "https"
-    return httpx.Client(
+    backend: DeadlineBackend | None = None
+    if transport is None:
+        from drainctl.drain.bounded_http import DeadlineBackend, deadline_transport
+
+        backend = DeadlineBackend()
+        # An http:// URL never does TLS here (no redirects are followed), so no SSL context is
+        # built: loading the CA bundle costs ~40 ms of the drain's budget.
+        transport = deadline_transport(backend, https=urlsplit(url).scheme.lower() == "https")
+    client = httpx.Client(
         transport=transport,
         # A pod's HTTP_PROXY / ALL_PROXY must not catch a loopback call to the app, and
-        # SSL_CERT_FILE & co. are the app's settings, not ours.
+        # SSL_CERT_FILE & co. are the app's settings, not ours (our own transport ignores both).
         trust_env=False,
         follow_redirects=False,
-        verify=verify,
         headers={"User-Agent": f"drainctl/{__version__}"},
     )
+    return client, backend
 
 
 def _attempt(
     client: httpx.Client,
+    backend: DeadlineBackend | None,
     method: str,
     url: str,
     budget: float,
     clock: Callable[[], float],
 ) -> tuple[int | None, str | None, bool]:
-    """One request: (status, error, worth retrying)."""
+    """One request, ended by `budget` end to end: (status, error, worth retrying)."""
     until = clock() + budget
+    if backend is not None:
+        backend.until = time.monotonic() + budget  # the backend's own clock, the real one
     try:
         # `Connection: close`: our own connection to the app's port counts among the connections
         # the drain waits for, so ask the app to end it as soon as it has answered.
@@ -368,6 +430,11 @@ def _describe(exc: BaseException) -> tuple[str, bool]:
     if isinstance(exc, httpx.NetworkError):
         return _short(exc), True  # other connection-level errors (unreachable...): transient
     return _short(exc), False
+
+
+def _scrub(text: str, url: str) -> str:
+    """`text` with `url` (as an error message may quote it) shown redacted."""
+    return text.replace(url, redact_url(url)) if url and url in text else text
 
 
 def _short(exc: BaseException, prefix: str | None = None) -> str:

@@ -70,13 +70,12 @@ def real_seams(
 
     def prepare() -> None:
         faults.check("job:prepare")
-        # httpx and httpcore (imported by httpx's transport on first use) cost ~200 ms or more
-        # to import: pay that during the delay, not in the down call's time.
+        # httpx and httpcore cost ~200 ms or more to import, a TLS context ~40 ms to build: pay
+        # that during the delay, not in the down call's time.
         if url is not None:
-            import httpcore  # noqa: F401
-            import httpx  # noqa: F401
+            from drainctl.drain import downcall
 
-            from drainctl.drain import downcall  # noqa: F401
+            downcall.warm_up(url)
         count([], None)
 
     return Seams(clock=clock, runner=runner, count=count, lookup_ports=lookup,

@@ -25,6 +25,7 @@ import signal
 
 from drainctl import exitcodes, faults
 from drainctl.drain.budget import Budget
+from drainctl.redact import redact_url
 from drainctl.signames import signal_name
 
 # `run` imports this module: no typing or dataclasses at run time (PID 1's start-up,
@@ -422,7 +423,7 @@ class Drain:
 
     def _tick_down(self, now: float) -> None:
         result = self._down_result
-        fields: dict[str, Any] = {"url": self.config.down_url}
+        fields: dict[str, Any] = {"url": redact_url(self.config.down_url or "")}
         if result is None:
             if self._down_until is None or now < self._down_until:
                 return

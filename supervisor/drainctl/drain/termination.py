@@ -8,6 +8,12 @@ at 1024 bytes: the app's own message, if it writes one, keeps its room.
 Rules (docs/interface.md, "The termination message"):
 - written only if the file already exists and can be opened for writing; never created (outside
   Kubernetes there is no such file and nothing happens);
+- written only to a regular file, as the kubelet provides it: a symbolic link is not followed
+  (O_NOFOLLOW), and a FIFO, a directory or a device is refused before it is opened (lstat) and
+  after (fstat, the same file), so the drain's summary never lands somewhere else, never blocks
+  PID 1 on a FIFO, never writes to a device. A refusal is one `warning` event naming the path
+  and why; a missing file is no refusal (it means "off");
+- the down URL is shown redacted (redact.py): no password or query value in the pod status;
 - appended, so a message the app wrote itself stays first;
 - written only when a drain ran: when the app just crashed, an empty file lets
   `terminationMessagePolicy: FallbackToLogsOnError` show the log's tail instead.
@@ -17,13 +23,16 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
+
+from drainctl.redact import redact_url
 
 TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (drain/machine.py)
 if TYPE_CHECKING:
     from drainctl.drain.machine import Drain
     from drainctl.events import Events
 
-__all__ = ["MAX_BYTES", "report", "summary", "write"]
+__all__ = ["MAX_BYTES", "refusal", "report", "summary", "write"]
 
 MAX_BYTES = 1024
 
@@ -56,11 +65,11 @@ def summary(drain: Drain, end: float, code: int, code_label: str = "exit") -> st
     if config.down_url is None:
         lines.append("down: not configured")
     elif record.down is None:
-        lines.append(f"down {config.down_method} {_safe_url(config.down_url)}: not called")
+        lines.append(f"down {config.down_method} {redact_url(config.down_url)}: not called")
     else:
         down = record.down
         result = f"{down['status']}" if "status" in down else f"error {down.get('error')}"
-        lines.append(f"down {config.down_method} {_safe_url(config.down_url)}: {result} "
+        lines.append(f"down {config.down_method} {redact_url(config.down_url)}: {result} "
                      f"in {down.get('elapsed_ms', 0):g} ms")
     ports = drain.ports
     lines.append("ports " + (", ".join(str(p) for p in ports) if ports else "none"))
@@ -73,23 +82,61 @@ def summary(drain: Drain, end: float, code: int, code_label: str = "exit") -> st
     return text
 
 
-def write(path: str | None, text: str) -> str | None:
-    """Append `text` to `path` if it exists and is writable. Returns an error worth a warning.
+# What is not a regular file, as a refusal says it.
+_KINDS = ((stat.S_ISLNK, "a symbolic link (not followed)"), (stat.S_ISDIR, "a directory"),
+          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
-    A missing file, a read-only one or one we may not write is not an error: it means "off".
+
+def refusal(path: str) -> str | None:
+    """Why `path` is no place for the summary (not a regular file), or None (also if missing)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except (OSError, ValueError):
+        return None  # missing or unreadable: write() decides, silently
+    return _kind(mode)
+
+
+def _kind(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    for test, name in _KINDS:
+        if test(mode):
+            return f"is {name}, not a regular file: not written"
+    return "is not a regular file: not written"
+
+
+def write(path: str | None, text: str) -> str | None:
+    """Append `text` to `path` if it is an existing, writable regular file.
+
+    Returns the reason for a `warning` when the path is something else (see the module
+    docstring); a missing file, a read-only one or one we may not write means "off": None.
     """
     if not path:
         return None
+    why = refusal(path)
+    if why is not None:
+        return f"termination log {path} {why}"
     try:
-        # No O_CREAT: never create it. O_NONBLOCK: a FIFO nobody reads must not hang PID 1
-        # (ENXIO instead); regular files ignore it.
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC)
+        # No O_CREAT: never create it. O_NOFOLLOW: a symlink put there since the lstat is not
+        # followed (ELOOP). O_NONBLOCK: a FIFO swapped in must not hang PID 1 (ENXIO, or the
+        # fstat below refuses it); O_NOCTTY: a terminal never becomes ours.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC
+                     | os.O_NOFOLLOW | os.O_NOCTTY)
     except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENXIO,
-                         errno.EISDIR, errno.ENOTDIR):
+        if exc.errno in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
             return None
+        if exc.errno == errno.ELOOP:
+            return f"termination log {path} {_kind(stat.S_IFLNK)}"
+        if exc.errno in (errno.ENXIO, errno.EISDIR):
+            return f"termination log {path} is not a regular file: not written"
         return f"termination log {path}: {exc.strerror or exc}"
+    except ValueError:  # a NUL in the path
+        return f"termination log {path!r}: not a valid path"
     try:
+        why = _kind(os.fstat(fd).st_mode)
+        if why is not None:  # swapped in between the lstat and the open
+            return f"termination log {path} {why}"
         data = text.encode()
         while data:
             written = os.write(fd, data)
@@ -120,15 +167,3 @@ def _duration(seconds: float) -> str:
     if seconds < 1:
         return f"{seconds * 1000:.0f}ms"
     return f"{seconds:.1f}s"
-
-
-def _safe_url(url: str) -> str:
-    """Scheme, host, port and path only: a query or userinfo may hold a token, and it is short."""
-    from urllib.parse import urlsplit, urlunsplit  # only when a drain is summed up
-
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = host if parts.port is None else f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
