@@ -117,6 +117,11 @@ class Events:
         except (OSError, ValueError):
             pass
 
+    def relay(self, record: dict[str, Any]) -> None:
+        """Write an event logged elsewhere (a supervisor's, for prestop) as this output would."""
+        if "ts" in record and "event" in record:
+            self.write_line(self._format(record))
+
     def start_writer(self) -> bool:
         """Write from a thread from now on (call after the app is spawned). False: no thread."""
         return self._out.start() if self._out is not None else True

@@ -33,7 +33,6 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,7 +41,7 @@ from drainctl import exitcodes
 from drainctl.control.client import Client
 from drainctl.control.protocol import ControlError, NoServer, resolve_address
 from drainctl.drain.machine import prestop_exit_code
-from drainctl.events import Events, format_json, format_text
+from drainctl.events import Events
 from drainctl.options import Config
 
 __all__ = ["PrestopError", "auto_ports", "pid1_is_supervisor", "prestop"]
@@ -74,7 +73,7 @@ class PrestopError(Exception):
 def prestop(config: Config, events: Events, clock: Callable[[], float] = time.monotonic) -> int:
     """Join the supervisor's drain, or run one standalone. Raises PrestopError."""
     address = resolve_address(config.control_socket)
-    relay = _relayer(events, config.log_format)
+    relay = events.relay
     for _attempt in range(2):
         try:
             client = _connect(address, clock)
@@ -153,22 +152,6 @@ def _join(
         raise PrestopError(str(exc), EXIT_LEFT) from exc
     raise PrestopError(f"{client.address}: the supervisor closed the channel before the drain "
                        "finished", EXIT_LEFT)
-
-
-def _relayer(events: Events, log_format: str) -> Callable[[dict[str, Any]], None]:
-    """Prints the supervisor's events as they were logged there (their own timestamps)."""
-    if log_format == "auto":
-        try:
-            log_format = "text" if os.isatty(sys.stderr.fileno()) else "json"
-        except (OSError, ValueError, AttributeError):
-            log_format = "json"
-    formatter = format_text if log_format == "text" else format_json
-
-    def relay(record: dict[str, Any]) -> None:
-        if "ts" in record and "event" in record:
-            events.write_line(formatter(record))
-
-    return relay
 
 
 # ---- without one ----------------------------------------------------------------------------

@@ -129,11 +129,6 @@ def _self_command() -> list[str]:
     return [sys.executable]
 
 
-def drainctl_command() -> list[str]:
-    """drainctl itself: the frozen binary has no python to run `-m` with."""
-    return _self_command()
-
-
 def app_argv(port: int, name: str, naive: bool) -> list[str]:
     """The demo app; from the frozen binary through its hidden `demo --app` entry."""
     base = [*_self_command(), "demo", "--app"] if _frozen() else [
@@ -471,7 +466,7 @@ def _with_drainctl(procs: _Processes, options: DemoOptions, other: tuple[str, in
     events: list[dict[str, Any]] = []
     port = _free_port()
     argv = [
-        *drainctl_command(), "run",
+        *_self_command(), "run",
         "--delay", f"{options.delay:g}s",
         "--down-url", f"http://127.0.0.1:{port}{DOWN_PATH}",
         "--port", str(port),
