@@ -133,12 +133,8 @@ def _demo(
         raise typer.Exit(_demoapp.main(ctx.args))
     if ctx.args:
         ctx.fail(f"unexpected argument {ctx.args[0]!r}")
-    from drainctl.demo import (
-        scenario as demo,  # clients, threads, subprocesses: only when the demo runs
-    )
-
-    raise typer.Exit(demo.command(as_json=as_json, clients=clients, slow_clients=slow_clients,
-                                  delay=delay))
+    raise typer.Exit(commands.demo(as_json=as_json, clients=clients, slow_clients=slow_clients,
+                                   delay=delay))
 
 
 def _flag(name: str, flag: str, help_text: str) -> inspect.Parameter:

@@ -165,3 +165,23 @@ def check(raw: Mapping[str, RawValue]) -> int:
 def _print(text: str) -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+def demo(*, as_json: bool, clients: int, slow_clients: int, delay: str) -> int:
+    """The CLI's entry: flags in, exit code out (0 expected figures, 1 not, 2 usage, 130 ^C)."""
+    # clients, threads, subprocesses: only when the demo runs
+    from drainctl.demo.scenario import GRACE_PERIOD, MAX_DELAY, DemoError, DemoOptions, main
+
+    try:
+        seconds = parse_duration(delay, "--delay")
+    except ConfigError as exc:
+        return fail(str(exc))
+    if seconds > MAX_DELAY:
+        return fail(f"--delay: at most {MAX_DELAY:g}s in the demo (its grace period is "
+                    f"{GRACE_PERIOD:g}s)")
+    try:
+        return main(DemoOptions(clients, slow_clients, seconds), as_json)
+    except DemoError as exc:
+        return fail(f"demo: {exc}", 1)
+    except KeyboardInterrupt:
+        return fail("demo: interrupted (every process it started is gone)", 130)

@@ -53,7 +53,6 @@ __all__ = [
     "Figures",
     "Scenario",
     "app_argv",
-    "command",
     "main",
     "render",
     "run_demo",
@@ -767,23 +766,3 @@ def _progress(text: str) -> None:
     if sys.stderr.isatty():
         sys.stderr.write(text + "\n")
         sys.stderr.flush()
-
-
-def command(*, as_json: bool, clients: int, slow_clients: int, delay: str) -> int:
-    """The CLI's entry: flags in, exit code out (0 expected figures, 1 not, 2 usage, 130 ^C)."""
-    from drainctl.cli.commands import fail
-    from drainctl.options import ConfigError, parse_duration
-
-    try:
-        seconds = parse_duration(delay, "--delay")
-    except ConfigError as exc:
-        return fail(str(exc))
-    if seconds > MAX_DELAY:
-        return fail(f"--delay: at most {MAX_DELAY:g}s in the demo (its grace period is "
-                    f"{GRACE_PERIOD:g}s)")
-    try:
-        return main(DemoOptions(clients, slow_clients, seconds), as_json)
-    except DemoError as exc:
-        return fail(f"demo: {exc}", 1)
-    except KeyboardInterrupt:
-        return fail("demo: interrupted (every process it started is gone)", 130)
