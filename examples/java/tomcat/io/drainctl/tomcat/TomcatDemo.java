@@ -1,6 +1,7 @@
 package io.drainctl.tomcat;
 
 import io.drainctl.DrainFilter;
+import io.drainctl.demo.DemoServlet;
 import jakarta.servlet.DispatcherType;
 import jakarta.servlet.FilterRegistration;
 import jakarta.servlet.ServletContainerInitializer;

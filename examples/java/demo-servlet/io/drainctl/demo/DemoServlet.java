@@ -1,4 +1,4 @@
-package io.drainctl.tomcat;
+package io.drainctl.demo;
 
 import io.drainctl.DrainFilter;
 import jakarta.servlet.http.HttpServlet;
@@ -10,8 +10,11 @@ import java.io.PrintWriter;
 import java.nio.charset.StandardCharsets;
 
 /**
- * The demo app behind DrainFilter: says whether it is draining ({@code X-Draining}), which
- * process and pod answered ({@code X-Pid}, {@code X-Pod} from {@code -Ddrainctl.pod}).
+ * The demo app behind DrainFilter, in Tomcat (examples/java/tomcat) and Jetty (examples/java/jetty,
+ * with the imports rewritten to javax as build/java.py does for the filter): says whether it is
+ * draining ({@code X-Draining}), which process, thread and pod answered ({@code X-Pid},
+ * {@code X-Thread}, {@code X-Pod} from {@code -Ddrainctl.pod}) and whether it was draining when
+ * the request came in ({@code X-Draining-At-Start}).
  *
  * <p>{@code /slow?s=N} (at most 10 s) answers after N seconds, and takes its writer
  * <em>before</em> it waits, as a servlet that streams a result does: a down call during the
@@ -29,6 +32,8 @@ public class DemoServlet extends HttpServlet {
         resp.setContentType("text/plain; charset=utf-8");
         resp.setHeader("X-Pid", Long.toString(ProcessHandle.current().pid()));
         resp.setHeader("X-Pod", System.getProperty("drainctl.pod", "-"));
+        resp.setHeader("X-Thread", Thread.currentThread().getName());
+        resp.setHeader("X-Draining-At-Start", draining());
         if (!path.equals("/slow")) {
             answer(resp, resp.getWriter(), null, "hello draining=" + draining() + "\n");
             return;

@@ -1,0 +1,122 @@
+"""What the Java tests share: Debian's jars, javac, and the filter's jars from build/java.py.
+
+The filter is tested as users get it: the jars build/java.py makes (jakarta for Tomcat 10,
+javax for Jetty 9), built by the test session itself so that a test never runs a stale dist/.
+A missing JDK or jar skips with one line, except under CI (`CI` set), where it fails: .ci/run
+installs them all, so a skip there would hide that the tests did not run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "java"
+BUILD_SCRIPT = ROOT / "build" / "java.py"
+JARS = Path("/usr/share/java")
+
+SERVLET_API = JARS / "servlet-api.jar"
+JAKARTA_API = JARS / "jakarta-servlet-api.jar"
+JETTY = [
+    JARS / f"jetty9-{name}.jar" for name in ("server", "servlet", "http", "io", "util", "security")
+]
+# Tomcat 10.1 embedded; it loads jakarta.annotation when it instantiates a filter or servlet.
+TOMCAT = [JARS / "tomcat10-embed-core.jar", JARS / "jakarta-annotation-api.jar"]
+PACKAGES = {
+    SERVLET_API: "libservlet-api-java",
+    JAKARTA_API: "libjakarta-servlet-api-java",
+    **{jar: "libjetty9-java" for jar in JETTY},
+    TOMCAT[0]: "libtomcat10-embed-java",
+    TOMCAT[1]: "libjakarta-annotation-api-java",
+}
+
+
+def _missing(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_jdk() -> None:
+    if not (shutil.which("javac") and shutil.which("java") and shutil.which("jar")):
+        _missing("needs a JDK: javac, java, jar (apt-get install default-jdk-headless)")
+
+
+def require_jars(jars: Sequence[Path]) -> None:
+    require_jdk()
+    for jar in jars:
+        if not jar.exists():
+            _missing(f"needs {jar} (apt-get install {PACKAGES.get(jar, '?')})")
+
+
+def javac(out: Path, sources: Sequence[Path], classpath: Sequence[Path] = ()) -> Path:
+    argv = ["javac", "-Xlint:all", "-Werror", "-d", str(out)]
+    if classpath:
+        argv += ["-cp", ":".join(map(str, classpath))]
+    result = subprocess.run(
+        argv + [str(s) for s in sources], capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def sources(part: str) -> list[Path]:
+    return sorted((EXAMPLES / part).rglob("*.java"))
+
+
+def build_filter_jars(out: Path) -> dict[str, Path]:
+    """Run build/java.py as CI does; returns {"jakarta": jar, "javax": jar}."""
+    require_jars([JAKARTA_API, SERVLET_API])
+    result = subprocess.run(
+        [sys.executable, str(BUILD_SCRIPT), "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {v: out / f"drainctl-servlet-{v}.jar" for v in ("jakarta", "javax")}
+
+
+def _build_module() -> object:
+    spec = importlib.util.spec_from_file_location("drainctl_build_java", BUILD_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def javax_source(text: str) -> str:
+    """build/java.py's own rewrite of a jakarta source into its javax twin."""
+    rewrite = getattr(_build_module(), "javax_source")
+    return str(rewrite(text))
+
+
+def demo_servlet_sources(variant: str, work: Path) -> list[Path]:
+    """examples/java/demo-servlet, as is (jakarta) or rewritten to javax under `work`."""
+    found = sources("demo-servlet")
+    if variant == "jakarta":
+        return found
+    out = []
+    for source in found:
+        target = work / source.relative_to(EXAMPLES)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(javax_source(source.read_text()))
+        out.append(target)
+    return out
+
+
+def tomcat_classpath(out: Path) -> list[Path]:
+    """The Tomcat demo (examples/java/tomcat + demo-servlet) compiled against the jakarta jar,
+    and the class path that runs it: [classes, the filter's jar, Tomcat's jars]."""
+    require_jars([JAKARTA_API, *TOMCAT])
+    jars = build_filter_jars(out / "dist")
+    classpath = [jars["jakarta"], *TOMCAT]
+    classes = javac(out / "classes", demo_servlet_sources("jakarta", out) + sources("tomcat"),
+                    classpath)
+    return [classes, *classpath]
