@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -83,7 +84,7 @@ def build_filter_jars(out: Path) -> dict[str, Path]:
     return {v: out / f"drainctl-servlet-{v}.jar" for v in ("jakarta", "javax")}
 
 
-def _build_module() -> object:
+def _build_module() -> ModuleType:
     spec = importlib.util.spec_from_file_location("drainctl_build_java", BUILD_SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -93,8 +94,7 @@ def _build_module() -> object:
 
 def javax_source(text: str) -> str:
     """build/java.py's own rewrite of a jakarta source into its javax twin."""
-    rewrite = getattr(_build_module(), "javax_source")
-    return str(rewrite(text))
+    return str(_build_module().javax_source(text))
 
 
 def demo_servlet_sources(variant: str, work: Path) -> list[Path]:

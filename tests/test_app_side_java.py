@@ -108,7 +108,7 @@ def test_httpserver_demo(httpserver_classes: Path) -> None:
         check_contract(srv, shared_state=False)
 
 
-# ---- the jars -------------------------------------------------------------------------------------
+# ---- the jars ------------------------------------------------------------------------------------
 
 
 def class_file(jar: Path, name: str, tmp_path: Path) -> bytes:
@@ -138,7 +138,7 @@ def test_javax_rewrite_touches_the_imports_only() -> None:
         javax_source("class X { jakarta.servlet.Filter f; }\n")
 
 
-# ---- the contract, in each server ------------------------------------------------------------------
+# ---- the contract, in each server ----------------------------------------------------------------
 
 
 def test_servlet_filter_in_jetty(jetty: Server) -> None:
