@@ -149,6 +149,41 @@ def test_servlet_filter_in_tomcat(tomcat: Server) -> None:
     check_contract(tomcat, down_url=DOWN_URL, shared_state=False)
 
 
+# ---- the three ways users register the filter, in Tomcat -------------------------------------
+# In code (ServletContext.addFilter, what Spring Boot's FilterRegistrationBean does): the
+# `tomcat` fixture. By web.xml, and by @WebFilter scanning: a web application deployed by Tomcat,
+# with the jar in WEB-INF/lib and the application's classes in WEB-INF/classes.
+
+
+@pytest.fixture(params=["web.xml", "annotation"])
+def tomcat_webapp(
+    request: pytest.FixtureRequest, tomcat_cp: list[Path], tmp_path: Path
+) -> Iterator[Server]:
+    classes, jar, *tomcat_jars = tomcat_cp
+    webinf = tmp_path / "webapp" / "WEB-INF"
+    (webinf / "lib").mkdir(parents=True)
+    shutil.copy(jar, webinf / "lib")
+    demo = Path("io", "drainctl", "demo")  # the application: the demo servlet
+    shutil.copytree(classes / demo, webinf / "classes" / demo)
+    if request.param == "web.xml":
+        shutil.copy(EXAMPLES / "webapp" / "web.xml", webinf / "web.xml")
+    else:  # no web.xml: Tomcat scans WEB-INF/classes and finds @WebFilter and @WebServlet
+        javac(webinf / "classes", sources("webapp/annotation"), [jar, *tomcat_jars])
+    # Not the filter's jar: the web application brings its own, as a WAR does.
+    server = java_server(f"java-tomcat-{request.param}", [classes, *tomcat_jars],
+                         "io.drainctl.tomcat.TomcatDemo", "127.0.0.1", str(webinf.parent))
+    server.argv = [a for a in server.argv if a not in INCIDENT_DOWN]  # web.xml / @WebFilter say it
+    with running(server) as s:
+        yield s
+
+
+def test_servlet_filter_registered_in_a_tomcat_webapp(tomcat_webapp: Server) -> None:
+    check_contract(tomcat_webapp, down_url=DOWN_URL, shared_state=False)
+
+
+# ---- requests in flight, and every worker thread, in both servers ----------------------------
+
+
 @pytest.fixture(params=["tomcat", "jetty"])
 def servlet_server(request: pytest.FixtureRequest) -> Server:
     server: Server = request.getfixturevalue(request.param)

@@ -1,6 +1,7 @@
 package io.drainctl.demo;
 
 import io.drainctl.DrainFilter;
+import jakarta.servlet.annotation.WebServlet;
 import jakarta.servlet.http.HttpServlet;
 import jakarta.servlet.http.HttpServletRequest;
 import jakarta.servlet.http.HttpServletResponse;
@@ -21,6 +22,7 @@ import java.nio.charset.StandardCharsets;
  * wait must still close its connection. {@code take=late} takes the writer after the wait,
  * {@code take=stream} takes the output stream before it.
  */
+@WebServlet(name = "demo", urlPatterns = "/") // found when a web application is scanned
 public class DemoServlet extends HttpServlet {
     private static final long serialVersionUID = 1L;
     private static final double SLOW_MAX = 10.0;
