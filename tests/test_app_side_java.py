@@ -209,9 +209,9 @@ def test_requests_running_at_down_close_too(servlet_server: Server) -> None:
     clients = dict(zip(takes, keep_alive_clients(port, len(takes)), strict=True))
     with ThreadPoolExecutor(len(takes)) as pool:
         running_now = {
-            take: pool.submit(clients[take].request, f"/slow?s=2&take={take}") for take in takes
+            take: pool.submit(clients[take].request, f"/slow?s=3&take={take}") for take in takes
         }
-        time.sleep(0.8)  # inside the servlet's wait; X-Draining-At-Start below checks it
+        time.sleep(1.0)  # inside the servlet's wait; X-Draining-At-Start below checks it
         assert get(port, DOWN_URL).status == 200
         answers = {take: future.result(timeout=15) for take, future in running_now.items()}
     for take, response in answers.items():
