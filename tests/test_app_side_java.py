@@ -82,7 +82,10 @@ def tomcat_cp(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 def java_server(name: str, classpath: list[Path], main: str, *args: str) -> Server:
     port = free_port()
-    argv = ["java", *INCIDENT_DOWN, "-cp", ":".join(map(str, classpath)), main, str(port), *args]
+    # Tomcat's work directory under the module's temporary directory, even if it is killed.
+    tmpdir = f"-Djava.io.tmpdir={classpath[0].parent}"
+    argv = ["java", *INCIDENT_DOWN, tmpdir, "-cp", ":".join(map(str, classpath)), main, str(port),
+            *args]
     return Server(name, argv, port)
 
 
@@ -172,7 +175,7 @@ def tomcat_webapp(
     # Not the filter's jar: the web application brings its own, as a WAR does.
     server = java_server(f"java-tomcat-{request.param}", [classes, *tomcat_jars],
                          "io.drainctl.tomcat.TomcatDemo", "127.0.0.1", str(webinf.parent))
-    server.argv = [a for a in server.argv if a not in INCIDENT_DOWN]  # web.xml / @WebFilter say it
+    server.argv = [a for a in server.argv if a not in INCIDENT_DOWN]  # web.xml/@WebFilter say it
     with running(server) as s:
         yield s
 

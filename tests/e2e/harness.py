@@ -254,7 +254,11 @@ def java_app(classpath: Sequence[Path], pod: str) -> tuple[list[str], dict[str, 
     (examples/java/tomcat), on every address (the LB reaches the pod over its veth)."""
     return [
         "java", "-Ddrainctl.downPath=/ok.htm", "-Ddrainctl.downQuery=down=true",
-        f"-Ddrainctl.pod={pod}", "-cp", ":".join(map(str, classpath)),
+        f"-Ddrainctl.pod={pod}",
+        # Tomcat's work directory in the session's own temporary directory: a pod that is
+        # SIGKILLed at the end of a test (pod b) never removes it.
+        f"-Djava.io.tmpdir={classpath[0].parent}",
+        "-cp", ":".join(map(str, classpath)),
         "io.drainctl.tomcat.TomcatDemo", str(APP_PORT), "0.0.0.0",
     ], {}
 
