@@ -31,12 +31,20 @@ JETTY = [
 ]
 # Tomcat 10.1 embedded; it loads jakarta.annotation when it instantiates a filter or servlet.
 TOMCAT = [JARS / "tomcat10-embed-core.jar", JARS / "jakarta-annotation-api.jar"]
+# Tomcat 9.0 (javax), which Debian ships as the jars of a standalone Tomcat: the same embedding
+# API (org.apache.catalina.startup.Tomcat) from its parts.
+TOMCAT9 = [
+    JARS / f"tomcat9-{name}.jar"
+    for name in ("catalina", "coyote", "util", "util-scan", "juli", "api", "servlet-api",
+                 "annotations-api", "jaspic-api")
+]
 PACKAGES = {
     SERVLET_API: "libservlet-api-java",
     JAKARTA_API: "libjakarta-servlet-api-java",
     **{jar: "libjetty9-java" for jar in JETTY},
     TOMCAT[0]: "libtomcat10-embed-java",
     TOMCAT[1]: "libjakarta-annotation-api-java",
+    **{jar: "libtomcat9-java" for jar in TOMCAT9},
 }
 
 
@@ -97,9 +105,9 @@ def javax_source(text: str) -> str:
     return str(_build_module().javax_source(text))
 
 
-def demo_servlet_sources(variant: str, work: Path) -> list[Path]:
-    """examples/java/demo-servlet, as is (jakarta) or rewritten to javax under `work`."""
-    found = sources("demo-servlet")
+def variant_sources(parts: Sequence[str], variant: str, work: Path) -> list[Path]:
+    """examples/java/<part> sources, as they are (jakarta) or rewritten to javax under `work`."""
+    found = [source for part in parts for source in sources(part)]
     if variant == "jakarta":
         return found
     out = []
@@ -111,12 +119,21 @@ def demo_servlet_sources(variant: str, work: Path) -> list[Path]:
     return out
 
 
-def tomcat_classpath(out: Path) -> list[Path]:
-    """The Tomcat demo (examples/java/tomcat + demo-servlet) compiled against the jakarta jar,
-    and the class path that runs it: [classes, the filter's jar, Tomcat's jars]."""
-    require_jars([JAKARTA_API, *TOMCAT])
-    jars = build_filter_jars(out / "dist")
-    classpath = [jars["jakarta"], *TOMCAT]
-    classes = javac(out / "classes", demo_servlet_sources("jakarta", out) + sources("tomcat"),
-                    classpath)
+def demo_servlet_sources(variant: str, work: Path) -> list[Path]:
+    return variant_sources(["demo-servlet"], variant, work)
+
+
+def tomcat_classpath(
+    out: Path, variant: str = "jakarta", jars: dict[str, Path] | None = None
+) -> list[Path]:
+    """The Tomcat demo (examples/java/tomcat + demo-servlet) compiled against the filter's jar,
+    and the class path that runs it: [classes, the filter's jar, Tomcat's jars]. jakarta: Tomcat
+    10.1; javax: Tomcat 9.0, with the demo's imports rewritten as the filter's are. `jars`:
+    build/java.py's, if already built."""
+    tomcat = TOMCAT if variant == "jakarta" else TOMCAT9
+    require_jars([JAKARTA_API, SERVLET_API, *tomcat])
+    jars = jars or build_filter_jars(out / "dist")
+    classpath = [jars[variant], *tomcat]
+    classes = javac(out / "classes",
+                    variant_sources(["demo-servlet", "tomcat"], variant, out / "src"), classpath)
     return [classes, *classpath]

@@ -3,9 +3,9 @@
 * the ``com.sun.net.httpserver`` demo (JDK only);
 * the Servlet filter as users get it, the jars of build/java.py: ``drainctl-servlet-jakarta.jar``
   in embedded Tomcat 10.1 (``libtomcat10-embed-java``), registered in code, by ``web.xml`` and
-  by ``@WebFilter`` scanning; ``drainctl-servlet-javax.jar`` in embedded Jetty 9.4
-  (``libjetty9-java``); both with the incident's ``/ok.htm?down=true``;
-* on both servers, the requests already running at the down call, whether they took their
+  by ``@WebFilter`` scanning; ``drainctl-servlet-javax.jar`` in Tomcat 9.0 (``libtomcat9-java``)
+  and embedded Jetty 9.4 (``libjetty9-java``); all with the incident's ``/ok.htm?down=true``;
+* on every server, the requests already running at the down call, whether they took their
   writer or stream before it or after, and every worker thread: ``Connection: close`` and a
   closed socket.
 
@@ -76,8 +76,17 @@ def jetty_classpath(
 
 
 @pytest.fixture(scope="module")
-def tomcat_cp(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return tomcat_classpath(tmp_path_factory.mktemp("tomcat"))
+def tomcat_cp(
+    tmp_path_factory: pytest.TempPathFactory, filter_jars: dict[str, Path]
+) -> list[Path]:
+    return tomcat_classpath(tmp_path_factory.mktemp("tomcat"), "jakarta", filter_jars)
+
+
+@pytest.fixture(scope="module")
+def tomcat9_cp(
+    tmp_path_factory: pytest.TempPathFactory, filter_jars: dict[str, Path]
+) -> list[Path]:
+    return tomcat_classpath(tmp_path_factory.mktemp("tomcat9"), "javax", filter_jars)
 
 
 def java_server(name: str, classpath: list[Path], main: str, *args: str) -> Server:
@@ -98,6 +107,12 @@ def jetty(jetty_classpath: list[Path]) -> Iterator[Server]:
 @pytest.fixture
 def tomcat(tomcat_cp: list[Path]) -> Iterator[Server]:
     with running(java_server("java-tomcat", tomcat_cp, "io.drainctl.tomcat.TomcatDemo")) as s:
+        yield s
+
+
+@pytest.fixture
+def tomcat9(tomcat9_cp: list[Path]) -> Iterator[Server]:
+    with running(java_server("java-tomcat9", tomcat9_cp, "io.drainctl.tomcat.TomcatDemo")) as s:
         yield s
 
 
@@ -144,12 +159,15 @@ def test_javax_rewrite_touches_the_imports_only() -> None:
 # ---- the contract, in each server ----------------------------------------------------------------
 
 
-def test_servlet_filter_in_jetty(jetty: Server) -> None:
-    check_contract(jetty, down_url=DOWN_URL, shared_state=False)
+@pytest.fixture(params=["tomcat", "tomcat9", "jetty"])
+def servlet_server(request: pytest.FixtureRequest) -> Server:
+    """Tomcat 10.1 with the jakarta jar, Tomcat 9.0 and Jetty 9.4 with the javax one."""
+    server: Server = request.getfixturevalue(request.param)
+    return server
 
 
-def test_servlet_filter_in_tomcat(tomcat: Server) -> None:
-    check_contract(tomcat, down_url=DOWN_URL, shared_state=False)
+def test_servlet_filter_in_each_server(servlet_server: Server) -> None:
+    check_contract(servlet_server, down_url=DOWN_URL, shared_state=False)
 
 
 # ---- the three ways users register the filter, in Tomcat -------------------------------------
@@ -184,13 +202,7 @@ def test_servlet_filter_registered_in_a_tomcat_webapp(tomcat_webapp: Server) -> 
     check_contract(tomcat_webapp, down_url=DOWN_URL, shared_state=False)
 
 
-# ---- requests in flight, and every worker thread, in both servers ----------------------------
-
-
-@pytest.fixture(params=["tomcat", "jetty"])
-def servlet_server(request: pytest.FixtureRequest) -> Server:
-    server: Server = request.getfixturevalue(request.param)
-    return server
+# ---- requests in flight, and every worker thread, in every server ----------------------------
 
 
 def keep_alive_clients(port: int, n: int) -> list[KeepAliveClient]:

@@ -23,7 +23,9 @@ import org.apache.catalina.startup.Tomcat;
 /**
  * DrainFilter ({@code dist/drainctl-servlet-jakarta.jar}) in embedded Tomcat 10 (Debian's
  * libtomcat10-embed-java), so that drainctl's tests see what Tomcat itself does with the
- * filter's {@code Connection: close}.
+ * filter's {@code Connection: close}. tests/test_app_side_java.py also runs it with its imports
+ * rewritten to javax (as build/java.py does for the filter) in Tomcat 9.0 (libtomcat9-java) with
+ * {@code dist/drainctl-servlet-javax.jar}: the embedding API is the same.
  *
  * <p>Run: {@code java -cp CLASSES:drainctl-servlet-jakarta.jar:TOMCAT_JARS
  * io.drainctl.tomcat.TomcatDemo PORT [ADDRESS [WEBAPP]]}; prints "ready PORT" once it listens.
