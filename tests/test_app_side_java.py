@@ -1,71 +1,124 @@
-"""The app side in Java: examples/java compiled with javac and held to the same contract.
-
-What the examples do is docs/app-side.md, "Java".
+"""The Java side of the app contract (docs/app-side.md), held to the same checks as Python's.
 
 * the ``com.sun.net.httpserver`` demo (JDK only);
-* the Servlet Filter, compiled against Debian's servlet API jars (``libservlet-api-java`` for
-  javax.servlet, ``libjakarta-servlet-api-java`` for the jakarta.servlet variant), and run
-  inside embedded Jetty 9.4 (``libjetty9-java``) with the incident's ``/ok.htm?down=true``.
+* the Servlet filter as users get it, the jars of build/java.py: ``drainctl-servlet-jakarta.jar``
+  in embedded Tomcat 10.1 (``libtomcat10-embed-java``), registered in code, by ``web.xml`` and
+  by ``@WebFilter`` scanning; ``drainctl-servlet-javax.jar`` in Tomcat 9.0 (``libtomcat9-java``)
+  and embedded Jetty 9.4 (``libjetty9-java``); all with the incident's ``/ok.htm?down=true``;
+* on every server, the requests already running at the down call, whether they took their
+  writer or stream before it or after, and every worker thread: ``Connection: close`` and a
+  closed socket.
 
-Each part skips with a one-line reason when its JDK or jar is missing.
+A missing JDK or jar skips with one line, and fails under CI (tests/java_support.py).
 """
 
 from __future__ import annotations
 
 import shutil
-import subprocess
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.appside.harness import Server, check_contract, free_port, running
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "java"
-JARS = Path("/usr/share/java")
-SERVLET_API = JARS / "servlet-api.jar"  # Debian: libservlet-api-java
-JAKARTA_API = JARS / "jakarta-servlet-api.jar"  # Debian: libjakarta-servlet-api-java
-JETTY = [
-    JARS / f"jetty9-{name}.jar" for name in ("server", "servlet", "http", "io", "util", "security")
-]  # Debian: libjetty9-java
-
-needs_jdk = pytest.mark.skipif(
-    not (shutil.which("javac") and shutil.which("java")), reason="no JDK (javac, java)"
+from tests.appside.harness import (
+    KeepAliveClient,
+    Response,
+    Server,
+    assert_really_closed,
+    check_contract,
+    closes,
+    free_port,
+    get,
+    running,
+)
+from tests.java_support import (
+    EXAMPLES,
+    JETTY,
+    SERVLET_API,
+    build_filter_jars,
+    demo_servlet_sources,
+    javac,
+    javax_source,
+    require_jars,
+    require_jdk,
+    sources,
+    tomcat_classpath,
 )
 
-
-def javac(out: Path, sources: list[Path], classpath: Sequence[Path] = ()) -> None:
-    argv = ["javac", "-Xlint:all", "-Werror", "-d", str(out)]
-    if classpath:
-        argv += ["-cp", ":".join(map(str, classpath))]
-    result = subprocess.run(
-        argv + [str(s) for s in sources], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
+DOWN_URL = "/ok.htm?down=true"
+# The incident's own contract: /ok.htm is the health page, /ok.htm?down=true goes down.
+INCIDENT_DOWN = ["-Ddrainctl.downPath=/ok.htm", "-Ddrainctl.downQuery=down=true"]
 
 
-def sources(part: str) -> list[Path]:
-    return sorted((EXAMPLES / part).rglob("*.java"))
+@pytest.fixture(scope="module")
+def filter_jars(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_filter_jars(tmp_path_factory.mktemp("java-dist"))
 
 
 @pytest.fixture(scope="module")
 def httpserver_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("httpserver")
-    javac(out, sources("httpserver"))
-    return out
+    require_jdk()
+    return javac(tmp_path_factory.mktemp("httpserver"), sources("httpserver"))
 
 
 @pytest.fixture(scope="module")
-def jetty_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    missing = [str(p) for p in [SERVLET_API, *JETTY] if not p.exists()]
-    if missing:
-        pytest.skip(f"Debian libjetty9-java / libservlet-api-java not installed: {missing[0]}")
-    out = tmp_path_factory.mktemp("jetty")
-    javac(out, sources("servlet") + sources("jetty"), [SERVLET_API, *JETTY])
-    return out
+def jetty_classpath(
+    tmp_path_factory: pytest.TempPathFactory, filter_jars: dict[str, Path]
+) -> list[Path]:
+    require_jars([SERVLET_API, *JETTY])
+    work = tmp_path_factory.mktemp("jetty")
+    classpath = [filter_jars["javax"], SERVLET_API, *JETTY]
+    classes = javac(work / "classes",
+                    demo_servlet_sources("javax", work / "src") + sources("jetty"), classpath)
+    return [classes, *classpath]
 
 
-@needs_jdk
+@pytest.fixture(scope="module")
+def tomcat_cp(
+    tmp_path_factory: pytest.TempPathFactory, filter_jars: dict[str, Path]
+) -> list[Path]:
+    return tomcat_classpath(tmp_path_factory.mktemp("tomcat"), "jakarta", filter_jars)
+
+
+@pytest.fixture(scope="module")
+def tomcat9_cp(
+    tmp_path_factory: pytest.TempPathFactory, filter_jars: dict[str, Path]
+) -> list[Path]:
+    return tomcat_classpath(tmp_path_factory.mktemp("tomcat9"), "javax", filter_jars)
+
+
+def java_server(name: str, classpath: list[Path], main: str, *args: str) -> Server:
+    port = free_port()
+    # Tomcat's work directory under the module's temporary directory, even if it is killed.
+    tmpdir = f"-Djava.io.tmpdir={classpath[0].parent}"
+    argv = ["java", *INCIDENT_DOWN, tmpdir, "-cp", ":".join(map(str, classpath)), main, str(port),
+            *args]
+    return Server(name, argv, port)
+
+
+@pytest.fixture
+def jetty(jetty_classpath: list[Path]) -> Iterator[Server]:
+    with running(java_server("java-jetty", jetty_classpath, "io.drainctl.jetty.JettyDemo")) as s:
+        yield s
+
+
+@pytest.fixture
+def tomcat(tomcat_cp: list[Path]) -> Iterator[Server]:
+    with running(java_server("java-tomcat", tomcat_cp, "io.drainctl.tomcat.TomcatDemo")) as s:
+        yield s
+
+
+@pytest.fixture
+def tomcat9(tomcat9_cp: list[Path]) -> Iterator[Server]:
+    with running(java_server("java-tomcat9", tomcat9_cp, "io.drainctl.tomcat.TomcatDemo")) as s:
+        yield s
+
+
+# ---- the JDK-only demo ---------------------------------------------------------------------------
+
+
 def test_httpserver_demo(httpserver_classes: Path) -> None:
     port = free_port()
     argv = ["java", "-cp", str(httpserver_classes), "io.drainctl.demo.DrainDemo", str(port)]
@@ -73,45 +126,132 @@ def test_httpserver_demo(httpserver_classes: Path) -> None:
         check_contract(srv, shared_state=False)
 
 
-@needs_jdk
-@pytest.mark.skipif(not SERVLET_API.exists(), reason=f"no {SERVLET_API} (libservlet-api-java)")
-def test_filter_compiles_against_javax_servlet(tmp_path: Path) -> None:
-    javac(tmp_path, sources("servlet"), [SERVLET_API])
-    assert (tmp_path / "io" / "drainctl" / "DrainFilter.class").exists()
+# ---- the jars ------------------------------------------------------------------------------------
 
 
-@needs_jdk
-@pytest.mark.skipif(
-    not JAKARTA_API.exists(), reason=f"no {JAKARTA_API} (libjakarta-servlet-api-java)"
-)
-def test_filter_compiles_against_jakarta_servlet(tmp_path: Path) -> None:
-    # The documented port to Jakarta EE 9+: the package rename and nothing else.
+def class_file(jar: Path, name: str, tmp_path: Path) -> bytes:
+    shutil.unpack_archive(jar, tmp_path / jar.stem, "zip")
+    return (tmp_path / jar.stem / name).read_bytes()
+
+
+def test_build_script_makes_a_jar_per_namespace(
+    filter_jars: dict[str, Path], tmp_path: Path
+) -> None:
+    for variant, other in (("jakarta", "javax"), ("javax", "jakarta")):
+        code = class_file(filter_jars[variant], "io/drainctl/DrainFilter.class", tmp_path)
+        assert f"{variant}/servlet/Filter".encode() in code, variant
+        assert f"{other}/servlet".encode() not in code, variant
+        # Class file major version 52: Java 8, which Tomcat 9 and Spring Boot 2 still run on.
+        assert code[:4] == b"\xca\xfe\xba\xbe" and int.from_bytes(code[6:8], "big") == 52
+
+
+def test_javax_rewrite_touches_the_imports_only() -> None:
     source = (EXAMPLES / "servlet" / "io" / "drainctl" / "DrainFilter.java").read_text()
-    jakarta = tmp_path / "src" / "DrainFilter.java"
-    jakarta.parent.mkdir()
-    jakarta.write_text(source.replace("javax.servlet", "jakarta.servlet"))
-    javac(tmp_path / "out", [jakarta], [JAKARTA_API])
-    assert (tmp_path / "out" / "io" / "drainctl" / "DrainFilter.class").exists()
+    rewritten = javax_source(source)
+    assert "import javax.servlet.http.HttpServletResponseWrapper;" in rewritten
+    assert "import jakarta.servlet" not in rewritten
+    assert rewritten.replace("import javax.servlet.", "import jakarta.servlet.") == source
+    # A type named in the code, not imported, would escape the rewrite: the build refuses it.
+    with pytest.raises(Exception, match="outside the imports"):
+        javax_source("class X { jakarta.servlet.Filter f; }\n")
 
 
-@pytest.fixture
-def jetty(jetty_classes: Path) -> Iterator[Server]:
-    port = free_port()
-    classpath = ":".join(map(str, [jetty_classes, SERVLET_API, *JETTY]))
-    argv = [
-        "java",
-        # The incident's own contract: /ok.htm is the health page, /ok.htm?down=true goes down.
-        "-Ddrainctl.downPath=/ok.htm",
-        "-Ddrainctl.downQuery=down=true",
-        "-cp",
-        classpath,
-        "io.drainctl.jetty.JettyDemo",
-        str(port),
-    ]
-    with running(Server("java-jetty", argv, port)) as srv:
-        yield srv
+# ---- the contract, in each server ----------------------------------------------------------------
 
 
-@needs_jdk
-def test_servlet_filter_in_jetty(jetty: Server) -> None:
-    check_contract(jetty, down_url="/ok.htm?down=true", shared_state=False)
+@pytest.fixture(params=["tomcat", "tomcat9", "jetty"])
+def servlet_server(request: pytest.FixtureRequest) -> Server:
+    """Tomcat 10.1 with the jakarta jar, Tomcat 9.0 and Jetty 9.4 with the javax one."""
+    server: Server = request.getfixturevalue(request.param)
+    return server
+
+
+def test_servlet_filter_in_each_server(servlet_server: Server) -> None:
+    check_contract(servlet_server, down_url=DOWN_URL, shared_state=False)
+
+
+# ---- the three ways users register the filter, in Tomcat -------------------------------------
+# In code (ServletContext.addFilter, what Spring Boot's FilterRegistrationBean does): the
+# `tomcat` fixture. By web.xml, and by @WebFilter scanning: a web application deployed by Tomcat,
+# with the jar in WEB-INF/lib and the application's classes in WEB-INF/classes.
+
+
+@pytest.fixture(params=["web.xml", "annotation"])
+def tomcat_webapp(
+    request: pytest.FixtureRequest, tomcat_cp: list[Path], tmp_path: Path
+) -> Iterator[Server]:
+    classes, jar, *tomcat_jars = tomcat_cp
+    webinf = tmp_path / "webapp" / "WEB-INF"
+    (webinf / "lib").mkdir(parents=True)
+    shutil.copy(jar, webinf / "lib")
+    demo = Path("io", "drainctl", "demo")  # the application: the demo servlet
+    shutil.copytree(classes / demo, webinf / "classes" / demo)
+    if request.param == "web.xml":
+        shutil.copy(EXAMPLES / "webapp" / "web.xml", webinf / "web.xml")
+    else:  # no web.xml: Tomcat scans WEB-INF/classes and finds @WebFilter and @WebServlet
+        javac(webinf / "classes", sources("webapp/annotation"), [jar, *tomcat_jars])
+    # Not the filter's jar: the web application brings its own, as a WAR does.
+    server = java_server(f"java-tomcat-{request.param}", [classes, *tomcat_jars],
+                         "io.drainctl.tomcat.TomcatDemo", "127.0.0.1", str(webinf.parent))
+    server.argv = [a for a in server.argv if a not in INCIDENT_DOWN]  # web.xml/@WebFilter say it
+    with running(server) as s:
+        yield s
+
+
+def test_servlet_filter_registered_in_a_tomcat_webapp(tomcat_webapp: Server) -> None:
+    check_contract(tomcat_webapp, down_url=DOWN_URL, shared_state=False)
+
+
+# ---- requests in flight, and every worker thread, in every server ----------------------------
+
+
+def keep_alive_clients(port: int, n: int) -> list[KeepAliveClient]:
+    clients = [KeepAliveClient(port) for _ in range(n)]
+    for client in clients:
+        response = client.request("/")
+        assert response.status == 200 and not closes(response), response
+    return clients
+
+
+def test_requests_running_at_down_close_too(servlet_server: Server) -> None:
+    """A request running when down comes answers with close, whenever it took its writer.
+
+    ``writer`` / ``stream``: taken before down, the body written after it (the case the filter
+    used to miss: the header was only set inside getWriter); ``late``: taken after down.
+    """
+    port = servlet_server.port
+    takes = ["writer", "stream", "late"]
+    clients = dict(zip(takes, keep_alive_clients(port, len(takes)), strict=True))
+    with ThreadPoolExecutor(len(takes)) as pool:
+        running_now = {
+            take: pool.submit(clients[take].request, f"/slow?s=3&take={take}") for take in takes
+        }
+        time.sleep(1.0)  # inside the servlet's wait; X-Draining-At-Start below checks it
+        assert get(port, DOWN_URL).status == 200
+        answers = {take: future.result(timeout=15) for take, future in running_now.items()}
+    for take, response in answers.items():
+        assert response.status == 200 and response.body == b"slow\n", (take, response)
+        assert response.headers["x-draining-at-start"] == "0", f"{take}: started after down"
+        assert response.headers["x-draining"] == "1", (take, response)
+        assert closes(response), f"{servlet_server.name}, took {take}: {response.headers}"
+        assert_really_closed(clients[take], port)
+
+
+def test_every_worker_thread_closes_after_down(servlet_server: Server) -> None:
+    """Concurrent requests after down, on connections kept from before it, one worker thread
+    each: every one answers with close, and its connection is closed."""
+    port = servlet_server.port
+    n = 8
+    clients = keep_alive_clients(port, n)
+    assert get(port, DOWN_URL).status == 200
+
+    def slow(client: KeepAliveClient) -> Response:
+        return client.request("/slow?s=1&take=late")
+
+    with ThreadPoolExecutor(n) as pool:
+        answers = list(pool.map(slow, clients, timeout=15))
+    threads = {response.headers["x-thread"] for response in answers}
+    assert len(threads) == n, f"expected {n} worker threads, saw {sorted(threads)}"
+    for client, response in zip(clients, answers, strict=True):
+        assert closes(response), (response.headers["x-thread"], response.headers)
+        assert_really_closed(client, port)

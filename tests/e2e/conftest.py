@@ -55,7 +55,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="session")
-def java_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def java_classes(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     require(need_java=True)
     return compile_java(tmp_path_factory.mktemp("e2e-java"))
 

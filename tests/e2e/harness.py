@@ -40,12 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import ROOT, Proc, Processes, drainctl_argv, inner_pid, wait_for
+from tests.conftest import Proc, Processes, drainctl_argv, inner_pid, wait_for
+from tests.java_support import tomcat_classpath
 
 APP_PORT = 8080
 # A private range for the veths; addresses exist only inside the namespaces created here.
 SUBNET = ipaddress.IPv4Network("10.250.0.0/16")
-JAVA_SOURCES = [ROOT / "examples" / "java" / "httpserver", Path(__file__).parent / "java"]
 DOWN_PATH = "/ok.htm?down=true"  # the incident's down contract, kept by every app here
 
 
@@ -249,16 +249,23 @@ def python_app(mode: str, pod: str) -> tuple[list[str], dict[str, str]]:
     return argv, {"E2E_APP_MODE": mode, "E2E_POD": pod}
 
 
-def java_app(classes: Path, pod: str) -> tuple[list[str], dict[str, str]]:
-    return ["java", "-cp", str(classes), "io.drainctl.e2e.E2eApp", str(APP_PORT), pod], {}
+def java_app(classpath: Sequence[Path], pod: str) -> tuple[list[str], dict[str, str]]:
+    """examples/java's DrainFilter, as dist/drainctl-servlet-jakarta.jar, in embedded Tomcat 10
+    (examples/java/tomcat), on every address (the LB reaches the pod over its veth)."""
+    return [
+        "java", "-Ddrainctl.downPath=/ok.htm", "-Ddrainctl.downQuery=down=true",
+        f"-Ddrainctl.pod={pod}",
+        # Tomcat's work directory in the session's own temporary directory: a pod that is
+        # SIGKILLed at the end of a test (pod b) never removes it.
+        f"-Djava.io.tmpdir={classpath[0].parent}",
+        "-cp", ":".join(map(str, classpath)),
+        "io.drainctl.tomcat.TomcatDemo", str(APP_PORT), "0.0.0.0",
+    ], {}
 
 
-def compile_java(out: Path) -> Path:
-    sources = [str(p) for d in JAVA_SOURCES for p in sorted(d.rglob("*.java"))]
-    result = subprocess.run(["javac", "-Xlint:all", "-Werror", "-d", str(out), *sources],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return out
+def compile_java(out: Path) -> list[Path]:
+    """build/java.py's jars and the Tomcat demo, built in `out`; the class path that runs it."""
+    return tomcat_classpath(out)
 
 
 class Pod:

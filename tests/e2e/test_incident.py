@@ -66,14 +66,14 @@ DRAINCTL_ENV = {
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    app: str  # "python" (gunicorn + DrainMiddleware) or "java" (examples/java's DrainFilter)
+    app: str  # "python" (gunicorn + DrainMiddleware) or "java" (DrainFilter's jar in Tomcat 10)
     drainctl: bool  # drainctl run is PID 1; otherwise the app itself is
     hook: str  # "prestop" (drainctl prestop), "old" (sleep, then the down URL), "none"
     mode: str = "fixed"  # the Python app: "fixed" or "incident"
 
 
 def run(
-    cluster: Cluster, scenario: Scenario, java_classes: Path | None, tmp_path: Path
+    cluster: Cluster, scenario: Scenario, java_classes: list[Path] | None, tmp_path: Path
 ) -> dict[str, Any]:
     pods = []
     for name in ("a", "b"):

@@ -9,30 +9,36 @@ import java.util.Arrays;
 import java.util.HashSet;
 import java.util.Set;
 import java.util.concurrent.atomic.AtomicBoolean;
-import javax.servlet.Filter;
-import javax.servlet.FilterChain;
-import javax.servlet.FilterConfig;
-import javax.servlet.ServletException;
-import javax.servlet.ServletOutputStream;
-import javax.servlet.ServletRequest;
-import javax.servlet.ServletResponse;
-import javax.servlet.http.HttpServletRequest;
-import javax.servlet.http.HttpServletResponse;
-import javax.servlet.http.HttpServletResponseWrapper;
+import jakarta.servlet.Filter;
+import jakarta.servlet.FilterChain;
+import jakarta.servlet.FilterConfig;
+import jakarta.servlet.ServletException;
+import jakarta.servlet.ServletOutputStream;
+import jakarta.servlet.ServletRequest;
+import jakarta.servlet.ServletResponse;
+import jakarta.servlet.WriteListener;
+import jakarta.servlet.http.HttpServletRequest;
+import jakarta.servlet.http.HttpServletResponse;
+import jakarta.servlet.http.HttpServletResponseWrapper;
 
 /**
- * drainctl's app-side contract as a Servlet Filter (Servlet 3.1+: Tomcat 9, Jetty 9/10,
- * Spring Boot 2). For Jakarta EE 9+ (Tomcat 10+, Jetty 11+, Spring Boot 3) replace
- * {@code javax.servlet} with {@code jakarta.servlet}: nothing else changes.
+ * drainctl's app-side contract as a Servlet Filter.
+ *
+ * <p>This source uses the Jakarta namespace (Servlet 5+: Tomcat 10+, Jetty 11+, Spring Boot 3);
+ * build/java.py compiles it into {@code dist/drainctl-servlet-jakarta.jar} and, with the imports
+ * rewritten to the {@code javax} namespace, into {@code dist/drainctl-servlet-javax.jar}
+ * (Servlet 3.1/4: Tomcat 9, Jetty 9/10, Spring Boot 2). Nothing else differs: keep every
+ * servlet type in the imports, so that the rewrite stays a rewrite of imports.
  *
  * <ul>
  *   <li>{@code GET|POST /drainctl/down} (init-params {@code downPath}, {@code downQuery}; e.g.
  *       {@code /ok.htm} + {@code down=true} keeps the incident's contract): 200 "down",
  *       idempotent, loopback callers only unless {@code allowRemoteDown=true}.
  *   <li>After down, every HTTP/1.x response carries {@code Connection: close} (RFC 9112 section
- *       9.6); servlet containers close the connection after such a response (Jetty: checked by
- *       drainctl's tests), so keep-alive clients leave the pod by themselves. This is what
- *       Jetty itself added on shutdown after users hit the 503 loop (jetty#2749, #2772).
+ *       9.6); servlet containers close the connection after such a response (Tomcat 10 and
+ *       Jetty 9: checked by drainctl's tests), so keep-alive clients leave the pod by themselves.
+ *       This is what Jetty itself added on shutdown after users hit the 503 loop (jetty#2749,
+ *       #2772).
  *   <li>{@code healthPaths} (comma list, default {@code /healthz}) answer 200 "ok" whether
  *       draining or not: a 503 there, seen through a shared LB address, took the whole LB out of
  *       the gateway's rotation (the incident).
@@ -40,9 +46,17 @@ import javax.servlet.http.HttpServletResponseWrapper;
  *       readiness probe only.
  * </ul>
  *
- * <p>Map it first, on {@code /*}: {@code FilterRegistration.Dynamic f =
- * ctx.addFilter("drainctl", DrainFilter.class); f.addMappingForUrlPatterns(null, false, "/*");}
- * or in Spring Boot a {@code FilterRegistrationBean} with the highest precedence.
+ * <p>The header is decided at the last moment the response's headers can still change, so that
+ * a request that was running when down came, even one that had already taken its writer, makes
+ * its client leave too: when the response is about to be committed (every write, flush and close
+ * of the wrapped writer or stream, {@code flushBuffer}, {@code sendError}, {@code sendRedirect})
+ * and after the chain returns if the response is still uncommitted. A response committed before
+ * down (a streamed one that flushed early) cannot carry it: its connection closes after the next
+ * response on it.
+ *
+ * <p>Map it first, on {@code /*}: in {@code web.xml}, with {@code @WebFilter} on a subclass, or
+ * {@code ServletContext.addFilter} (what Spring Boot's {@code FilterRegistrationBean} does);
+ * docs/app-side.md shows all three.
  */
 public class DrainFilter implements Filter {
     /** Per JVM (per class loader): a servlet container is one process with many threads. */
@@ -131,12 +145,18 @@ public class DrainFilter implements Filter {
             chain.doFilter(request, response);
             return;
         }
-        if (isDraining()) {
-            resp.setHeader("Connection", "close");
+        // A request that was running when down came must make its client leave too, even if it
+        // took its writer before down: the wrapper decides whenever the response may commit,
+        // and once more after the chain, where the container commits what is left.
+        CloseWhenDraining wrapped = new CloseWhenDraining(resp);
+        wrapped.mark();
+        try {
+            chain.doFilter(request, wrapped);
+        } finally {
+            // An async request (startAsync) is committed later, by its writes (the wrapped
+            // writer or stream decides then) or by AsyncContext.complete().
+            wrapped.mark();
         }
-        // The wrapper also catches a request that was running when down was called: the
-        // header is set when the response is about to be committed, if by then we are down.
-        chain.doFilter(request, new CloseWhenDraining(resp));
     }
 
     private static void reply(HttpServletResponse resp, boolean http1, int status, String body, boolean head)
@@ -173,28 +193,45 @@ public class DrainFilter implements Filter {
         }
     }
 
-    /** Sets Connection: close at the last moment before the headers can be committed. */
+    /**
+     * Sets Connection: close at the last moment the headers can still change: before anything
+     * that may commit the response (a write, flush or close of its writer or stream, which the
+     * container commits when its buffer fills; flushBuffer; sendError; sendRedirect), and when
+     * the chain returns.
+     */
     static final class CloseWhenDraining extends HttpServletResponseWrapper {
+        private boolean marked;
+        private ServletOutputStream stream;
+        private PrintWriter writer;
+
         CloseWhenDraining(HttpServletResponse response) {
             super(response);
         }
 
-        private void mark() {
-            if (isDraining() && !isCommitted()) {
+        /** Cheap while not draining (one volatile read); sets the header once when it is. */
+        void mark() {
+            if (!marked && isDraining() && !isCommitted()) {
                 setHeader("Connection", "close");
+                marked = true;
             }
         }
 
         @Override
         public ServletOutputStream getOutputStream() throws IOException {
             mark();
-            return super.getOutputStream();
+            if (stream == null) {
+                stream = new MarkingStream(super.getOutputStream(), this);
+            }
+            return stream;
         }
 
         @Override
         public PrintWriter getWriter() throws IOException {
             mark();
-            return super.getWriter();
+            if (writer == null) {
+                writer = new MarkingWriter(super.getWriter(), this);
+            }
+            return writer;
         }
 
         @Override
@@ -223,8 +260,113 @@ public class DrainFilter implements Filter {
 
         @Override
         public void reset() {
-            super.reset();
+            super.reset(); // clears the headers, ours included
+            marked = false;
             mark();
+        }
+    }
+
+    /** The response's stream; the response is marked before every call that may commit it. */
+    static final class MarkingStream extends ServletOutputStream {
+        private final ServletOutputStream inner;
+        private final CloseWhenDraining owner;
+
+        MarkingStream(ServletOutputStream inner, CloseWhenDraining owner) {
+            this.inner = inner;
+            this.owner = owner;
+        }
+
+        @Override
+        public void write(int b) throws IOException {
+            owner.mark();
+            inner.write(b);
+        }
+
+        @Override
+        public void write(byte[] b, int off, int len) throws IOException {
+            owner.mark();
+            inner.write(b, off, len);
+        }
+
+        @Override
+        public void flush() throws IOException {
+            owner.mark();
+            inner.flush();
+        }
+
+        @Override
+        public void close() throws IOException {
+            owner.mark();
+            inner.close();
+        }
+
+        @Override
+        public boolean isReady() {
+            return inner.isReady();
+        }
+
+        @Override
+        public void setWriteListener(WriteListener listener) {
+            inner.setWriteListener(listener);
+        }
+    }
+
+    /**
+     * The response's writer, likewise. Every PrintWriter method ends in one of these (print and
+     * format in write; println's line separator, which PrintWriter writes to the inner writer
+     * directly, in println()).
+     */
+    static final class MarkingWriter extends PrintWriter {
+        private final PrintWriter inner;
+        private final CloseWhenDraining owner;
+
+        MarkingWriter(PrintWriter inner, CloseWhenDraining owner) {
+            super(inner);
+            this.inner = inner;
+            this.owner = owner;
+        }
+
+        @Override
+        public void write(int c) {
+            owner.mark();
+            super.write(c);
+        }
+
+        @Override
+        public void write(char[] buf, int off, int len) {
+            owner.mark();
+            super.write(buf, off, len);
+        }
+
+        @Override
+        public void write(String s, int off, int len) {
+            owner.mark();
+            super.write(s, off, len);
+        }
+
+        @Override
+        public void println() {
+            owner.mark();
+            super.println();
+        }
+
+        @Override
+        public void flush() {
+            owner.mark();
+            super.flush();
+        }
+
+        @Override
+        public void close() {
+            owner.mark();
+            super.close();
+        }
+
+        @Override
+        public boolean checkError() {
+            // The container's writer keeps its own error state (it never throws).
+            owner.mark();
+            return inner.checkError();
         }
     }
 

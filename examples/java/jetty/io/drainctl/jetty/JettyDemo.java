@@ -1,12 +1,9 @@
 package io.drainctl.jetty;
 
 import io.drainctl.DrainFilter;
-import java.io.IOException;
+import io.drainctl.demo.DemoServlet;
 import java.util.EnumSet;
 import javax.servlet.DispatcherType;
-import javax.servlet.http.HttpServlet;
-import javax.servlet.http.HttpServletRequest;
-import javax.servlet.http.HttpServletResponse;
 import org.eclipse.jetty.server.Server;
 import org.eclipse.jetty.server.ServerConnector;
 import org.eclipse.jetty.servlet.FilterHolder;
@@ -17,25 +14,12 @@ import org.eclipse.jetty.servlet.ServletHolder;
  * DrainFilter in a real servlet container (embedded Jetty 9.4, Debian's libjetty9-java), so
  * drainctl's tests can check that the container really closes connections after down.
  *
- * <p>Run: {@code java -cp out:$JETTY_JARS io.drainctl.jetty.JettyDemo 8080}; prints "ready PORT".
+ * <p>Run: {@code java -cp out:drainctl-servlet-javax.jar:$JETTY_JARS io.drainctl.jetty.JettyDemo
+ * 8080}; prints "ready PORT". {@code out} holds this class and examples/java/demo-servlet
+ * rewritten to javax (tests/test_app_side_java.py does both).
  */
 public final class JettyDemo {
     private JettyDemo() {}
-
-    /** The app: says whether it is draining, as the Python test apps do. */
-    static final class Hello extends HttpServlet {
-        private static final long serialVersionUID = 1L;
-
-        @Override
-        protected void doGet(HttpServletRequest req, HttpServletResponse resp) throws IOException {
-            byte[] body = ("hello draining=" + (DrainFilter.isDraining() ? 1 : 0) + "\n").getBytes("UTF-8");
-            resp.setContentType("text/plain");
-            resp.setHeader("X-Draining", DrainFilter.isDraining() ? "1" : "0");
-            resp.setHeader("X-Pid", Long.toString(ProcessHandle.current().pid()));
-            resp.setContentLength(body.length);
-            resp.getOutputStream().write(body);
-        }
-    }
 
     public static void main(String[] args) throws Exception {
         int port = args.length > 0 ? Integer.parseInt(args[0]) : 8080;
@@ -55,7 +39,7 @@ public final class JettyDemo {
             drain.setInitParameter("downPath", downPath);
             drain.setInitParameter("downQuery", System.getProperty("drainctl.downQuery", ""));
         }
-        context.addServlet(new ServletHolder(new Hello()), "/*");
+        context.addServlet(new ServletHolder(new DemoServlet()), "/*");
         server.setHandler(context);
         server.start();
         System.out.println("ready " + connector.getLocalPort());
