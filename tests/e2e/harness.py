@@ -161,12 +161,9 @@ class LoadBalancer(HAProxy):
 
     BACKEND = "pods"
 
-    def start_for(self, pods: Sequence[Pod], addresses: Sequence[str] = ("127.0.0.1",)) -> None:
-        """`addresses`: the loopback addresses the LB answers on, all on one port (a cloud LB's
-        name resolves to one address per zone: one frontend, the same pods behind each)."""
+    def start_for(self, pods: Sequence[Pod]) -> None:
         self.port = free_port()
         servers = "".join(f"    server {p.name} {p.net.pod_addr}:{APP_PORT}\n" for p in pods)
-        binds = "".join(f"    bind {address}:{self.port}\n" for address in addresses)
         self.start(
             "defaults\n"
             "    mode tcp\n"
@@ -176,7 +173,7 @@ class LoadBalancer(HAProxy):
             "    timeout client 120s\n"
             "    timeout server 120s\n"
             "frontend lb\n"
-            + binds +
+            f"    bind 127.0.0.1:{self.port}\n"
             f"    default_backend {self.BACKEND}\n"
             f"backend {self.BACKEND}\n"
             "    balance roundrobin\n"
@@ -194,7 +191,6 @@ class L7Gateway(Protocol):
     tests/e2e/nginx.py): started in front of the LB, then a port for the load, and figures."""
 
     kind: str  # "haproxy", "nginx"
-    lb_addresses: tuple[str, ...]  # the LB addresses it is configured with
     port: int
 
     def start_for(self, lb: LoadBalancer) -> None: ...
@@ -215,7 +211,6 @@ class Gateway(HAProxy):
     passive health checks that mark that upstream down on one 5xx or broken response."""
 
     kind = "haproxy"
-    lb_addresses: tuple[str, ...] = ("127.0.0.1",)
 
     def start_for(self, lb: LoadBalancer) -> None:
         self.port = free_port()

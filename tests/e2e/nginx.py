@@ -2,18 +2,19 @@
 
     server (127.0.0.1 only) -> proxy_pass http://lb, HTTP/1.1, `Connection: ""`: a client's
                                request goes over any idle kept connection to the LB
-    upstream lb             -> the LB, listed once per address it answers on (two), each with
-                               max_fails=1 fail_timeout=2s; `keepalive` pool of idle connections;
+    upstream lb             -> the LB's one address, listed twice, each entry max_fails=1
+                               fail_timeout=2s; a `keepalive` pool of idle connections;
                                proxy_next_upstream error timeout http_503
 
 nginx never takes the only server of a group out: with one entry, `max_fails` is ignored and
-every 503 goes to its client (ngx_http_upstream_round_robin.c, `peers->single`; the
-`max_fails` text of the ngx_http_upstream_module documentation). The LB is therefore listed the
-way nginx sees a cloud LB's DNS name: one entry per address, here 127.0.0.1 and 127.0.0.2 on the
-same port, one HAProxy frontend, the same pods behind both. A failure (an error, a timeout, a 503
-that nginx could still pass to the other entry) takes one entry out for `fail_timeout`; once both
-are out, every request answers 502 "no live upstreams" without reaching the LB: the incident's
-wave. docs/e2e.md says why this is faithful.
+every 503 goes to its client (ngx_http_upstream_round_robin.c, `peers->single`; the `max_fails`
+text of the ngx_http_upstream_module documentation). So the LB's address is listed twice, as
+nginx lists a cloud LB whose name resolves to two addresses, except that both entries here share
+one pool of kept connections (the keepalive module picks a cached connection by address), as
+HAProxy's one server does with `http-reuse always`. A counted failure (an error, a timeout, or a
+503 that nginx could still pass to the other entry) takes one entry out for `fail_timeout`; once
+both are out, every request answers 502 "no live upstreams" without reaching the LB: the
+incident's wave. docs/e2e.md says why this is faithful, and what differs from HAProxy.
 
 nginx runs in the foreground (`daemon off`), its master started by root, one worker (one set of
 failure counters and one pool of kept connections, reproducible, as the HAProxy gateway's one
@@ -39,8 +40,7 @@ NO_LIVE = "no live upstreams"
 
 class NginxGateway:
     kind = "nginx"
-    # The LB's addresses (the same HAProxy frontend and port): one entry each in the group.
-    lb_addresses: tuple[str, ...] = ("127.0.0.1", "127.0.0.2")
+    ENTRIES = 2  # the LB's address, this many times: one would never be taken out
 
     def __init__(self, procs: Processes, name: str = "nginx") -> None:
         self.procs = procs
@@ -51,9 +51,9 @@ class NginxGateway:
         self.port = 0
 
     def render(self, lb_port: int) -> str:
-        servers = "".join(
-            f"        server {address}:{lb_port} max_fails=1 fail_timeout={FAIL_TIMEOUT_S}s;\n"
-            for address in self.lb_addresses
+        servers = (
+            f"        server 127.0.0.1:{lb_port} max_fails=1 fail_timeout={FAIL_TIMEOUT_S}s;\n"
+            * self.ENTRIES
         )
         return (
             "daemon off;\n"
@@ -130,7 +130,7 @@ class NginxGateway:
         return self.proc.stderr() if self.proc is not None else ""
 
     def marked_down(self) -> int:
-        """How often a failure took an entry of the group out (each LB address counts)."""
+        """How often a failure took an entry of the group out (both out: the whole upstream)."""
         return self.log().count(DISABLED)
 
     def details(self) -> dict[str, Any]:

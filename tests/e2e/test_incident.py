@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, drainctl_argv, wait_for
+from tests.conftest import ROOT, Processes, drainctl_argv, wait_for
 from tests.e2e.conftest import require
 from tests.e2e.harness import (
     APP_PORT,
@@ -53,6 +53,10 @@ BOUND = DELAY + SLOW_S + SETTLE + 1.0
 AFTER_FIXED = 1.0  # load kept up after the pod is gone: is pod b serving everything?
 AFTER_INCIDENT = 3.0  # long enough to see the gateway's outage end (rise 2 x inter 1s)
 GATEWAYS = ["haproxy", "nginx"]
+# nginx takes its upstream out only once each of its two entries had a counted failure within
+# fail_timeout: in some runs pod a has only one kept connection left to answer 503 on (about 1 in
+# 7, docs/e2e.md), so the incident scenario through nginx gets this many tries to show the wave.
+WAVE_ATTEMPTS = 3
 
 DRAINCTL_ENV = {
     # The README's manifest: the options as environment variables, which the preStop hook
@@ -65,6 +69,10 @@ DRAINCTL_ENV = {
     "DRAINCTL_TERMINATION_LOG": "",
     "DRAINCTL_LOG_FORMAT": "json",
 }
+# nginx reuses its most recently used kept connection first: one to pod a that fell to the bottom
+# of the pool carries no request again and would hold the drain until its timeout
+# (docs/e2e.md), which is what --idle-grace is for; the apps answer `Connection: close` after down.
+GATEWAY_DRAINCTL_ENV = {"nginx": {"DRAINCTL_IDLE_GRACE": "2s"}}
 
 
 @dataclass(frozen=True)
@@ -93,7 +101,7 @@ def start_gateway(
     else:
         gateway = Gateway(cluster.procs, "gw", cluster.sockdir)
     lb = LoadBalancer(cluster.procs, "lb", cluster.sockdir)
-    lb.start_for(pods, gateway.lb_addresses)
+    lb.start_for(pods)
     gateway.start_for(lb)
     wait_for(gateway.upstream_up, timeout=10, interval=0.1)
     return lb, gateway
@@ -118,6 +126,7 @@ def run(
         if scenario.drainctl:
             argv = [*drainctl_argv(), "run", "--", *app_argv]
             env.update(DRAINCTL_ENV)
+            env.update(GATEWAY_DRAINCTL_ENV.get(scenario.gateway, {}))
         pod = Pod(cluster.procs, name, net, argv, env)
         pod.start()
         pods.append(pod)
@@ -182,12 +191,29 @@ def test_the_incident_as_it_was(
                         drainctl=False, hook="old", mode="incident", gateway=gateway)
     f = run(cluster, scenario, None, tmp_path)
     record_figures(f)
+    attempt = 1
+    while gateway == "nginx" and not nginx_wave(f) and attempt < WAVE_ATTEMPTS:
+        cluster.close()  # its network namespaces' names are used again
+        attempt += 1
+        again = tmp_path / f"attempt{attempt}"
+        again.mkdir()
+        retry = Cluster(Processes(again))
+        try:
+            f = run(retry, scenario, None, again)
+        finally:
+            retry.close()
+        f["attempt"] = attempt
+        record_figures(f)
     assert f["failures"] > 0, "the harness must reproduce the incident"
     assert f["gateway_marked_upstream_down"] >= 1, f
     if gateway == "nginx":
-        # The wave: every entry out, so nginx answered 502 itself, "no live upstreams".
-        assert f["gateway_no_live_upstreams"] >= 1, f
-        assert f["failures_by_kind"].get("status 502", 0) > 0, f
+        assert nginx_wave(f), f
+
+
+def nginx_wave(f: dict[str, Any]) -> bool:
+    """Every entry out, so nginx answered 502 itself, "no live upstreams"."""
+    return bool(f["gateway_no_live_upstreams"] >= 1
+                and f["failures_by_kind"].get("status 502", 0) > 0)
 
 
 @pytest.mark.timeout(90)
