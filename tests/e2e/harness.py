@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tests.conftest import Proc, Processes, drainctl_argv, inner_pid, wait_for
 from tests.java_support import tomcat_classpath
@@ -186,9 +186,31 @@ class LoadBalancer(HAProxy):
         assert answer.strip() == "", f"set server: {answer!r}"
 
 
+class L7Gateway(Protocol):
+    """What a scenario needs of its gateway (HAProxy's `Gateway` here, `NginxGateway` in
+    tests/e2e/nginx.py): started in front of the LB, then a port for the load, and figures."""
+
+    kind: str  # "haproxy", "nginx"
+    port: int
+
+    def start_for(self, lb: LoadBalancer) -> None: ...
+
+    def upstream_up(self) -> bool: ...
+
+    def marked_down(self) -> int:
+        """How often the gateway took (part of) its upstream out, from its log."""
+        ...
+
+    def details(self) -> dict[str, Any]:
+        """Figures of its own, added to the scenario's."""
+        ...
+
+
 class Gateway(HAProxy):
     """The incident's gateway: HTTP keep-alive to its single upstream, the LB's address, and
     passive health checks that mark that upstream down on one 5xx or broken response."""
+
+    kind = "haproxy"
 
     def start_for(self, lb: LoadBalancer) -> None:
         self.port = free_port()
@@ -231,6 +253,9 @@ class Gateway(HAProxy):
 
     def marked_down(self) -> int:
         return sum(1 for line in self.log().splitlines() if "Server upstream/lb is DOWN" in line)
+
+    def details(self) -> dict[str, Any]:
+        return {}
 
 
 # ---- pods ---------------------------------------------------------------------------------------
@@ -548,7 +573,7 @@ class Cluster:
 
 
 def figures(name: str, samples: Sequence[Sample], deletion: Deletion, pod: Pod,
-            gateway: Gateway, bound_s: float | None) -> dict[str, Any]:
+            gateway: L7Gateway, bound_s: float | None) -> dict[str, Any]:
     """What one scenario measured, times in seconds from the deletion."""
     t0 = deletion.t0
     failed = [s for s in samples if s.failed]
@@ -608,5 +633,7 @@ def figures(name: str, samples: Sequence[Sample], deletion: Deletion, pod: Pod,
         "served_by_pod_after_deregistration": len(after_dereg),
         "slow_running_at_down": slow_running(down_s),
         "slow_running_at_stop": slow_running(stop_s),
+        "gateway": gateway.kind,
         "gateway_marked_upstream_down": gateway.marked_down(),
+        **gateway.details(),
     }
