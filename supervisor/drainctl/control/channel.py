@@ -59,6 +59,8 @@ import stat
 import struct
 import time
 
+from drainctl.exitcodes import prestop_code as exit_code  # prestop's code for a drain's reason
+
 TYPE_CHECKING = False  # no typing or dataclasses at run time: PID 1's start-up (see drain.py)
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -159,11 +161,6 @@ class Peer:
 
 def _encode(message: dict[str, Any]) -> bytes:
     return (json.dumps(message, separators=(",", ":"), default=str) + "\n").encode()
-
-
-def exit_code(reason: str) -> int:
-    """prestop's exit code for a drain's reason: 1 only when the deadline left connections."""
-    return 1 if reason == "timeout" else 0
 
 
 # ---- what the server serves ---------------------------------------------------------------------

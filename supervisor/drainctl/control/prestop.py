@@ -44,7 +44,6 @@ from drainctl.events import Events, format_json, format_text
 from drainctl.options import Config
 
 __all__ = [
-    "EXIT_DRAINED",
     "EXIT_LEFT",
     "EXIT_USAGE",
     "PrestopError",
@@ -53,9 +52,7 @@ __all__ = [
     "prestop",
 ]
 
-EXIT_DRAINED = 0
-EXIT_LEFT = 1
-EXIT_USAGE = 2
+from drainctl.exitcodes import EXIT_LEFT, EXIT_USAGE
 
 # How long past the supervisor's own deadline a joined prestop waits for the result before it
 # gives up (the supervisor finishes the drain at its deadline; this only guards against a hang).
