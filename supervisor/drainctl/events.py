@@ -16,8 +16,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import IO, Any
 
-__all__ = ["LOG_FORMATS", "Events", "format_json", "format_text"]
+__all__ = ["LOG_FORMATS", "Events", "format_json", "format_text", "resolve_log_format"]
 
+# The values of --log-format (options.py validates against this).
 LOG_FORMATS = ("auto", "json", "text")
 
 # Listeners get every event as the dict that is logged (used by the control channel to stream a
@@ -60,9 +61,8 @@ class Events:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._stream = stream if stream is not None else sys.stderr
-        if log_format == "auto":
-            log_format = "text" if _isatty(self._stream) else "json"
-        self._format = format_text if log_format == "text" else format_json
+        text = resolve_log_format(log_format, self._stream) == "text"
+        self._format = format_text if text else format_json
         self._clock = clock
         self._listeners: list[Listener] = []
 
@@ -88,7 +88,17 @@ class Events:
             self._listeners.remove(listener)
 
 
-def _isatty(stream: IO[str]) -> bool:
+def resolve_log_format(log_format: str, stream: IO[str] | None = None) -> str:
+    """"text" or "json" for a --log-format value; "auto" is text on a terminal (`stream`,
+    default stderr), JSON otherwise (also when stderr is closed)."""
+    if log_format != "auto":
+        return "text" if log_format == "text" else "json"
+    return "text" if _isatty(stream if stream is not None else sys.stderr) else "json"
+
+
+def _isatty(stream: IO[str] | None) -> bool:
+    if stream is None:  # sys.stderr is None when fd 2 was closed at start-up
+        return False
     try:
         return os.isatty(stream.fileno())
     except (OSError, ValueError, AttributeError):
