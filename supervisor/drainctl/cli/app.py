@@ -1,8 +1,8 @@
 """The typer app: `--help`, usage errors, and every command but `run`'s fast path.
 
-Options are generated from config.OPTIONS, so the help, the fast parser and the environment
-variables cannot drift apart. Values arrive as strings and are validated by config.resolve, which
-gives one-line errors naming the flag or the variable.
+Options are generated from options.OPTIONS, so the help, the fast parser and the environment
+variables cannot drift apart. Values arrive as strings and are validated by options.resolve,
+which gives one-line errors naming the flag or the variable.
 """
 
 from __future__ import annotations
@@ -10,13 +10,17 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from drainctl import __version__
 from drainctl.cli import commands
-from drainctl.options import OPTIONS, Option, RawValue
+from drainctl.exitcodes import EXIT_USAGE
+from drainctl.options import OPTIONS, Option
+
+if TYPE_CHECKING:
+    from drainctl.options import RawValue
 
 __all__ = ["app", "app_main"]
 
@@ -29,7 +33,8 @@ drainctl: a shell-free PID 1 that drains a pod's TCP connections before it stops
 On SIGTERM (or prestop) it waits --delay for endpoint removal to propagate, calls --down-url,
 waits for the established connections on the app's ports to reach zero (within the grace
 budget), and only then sends the app its stop signal. Every option also reads DRAINCTL_<NAME>;
-a flag beats the variable. Durations: 250ms, 15s, 2m, or seconds.
+a flag beats the variable. Durations: 250ms, 15s, 2m, 1h30m, or seconds; each has a maximum
+(24h unless its help says otherwise). Exit codes: see the README.
 """
 
 app = typer.Typer(
@@ -57,7 +62,7 @@ def _root(
 
 
 def _parameter(option: Option) -> inspect.Parameter:
-    help_text = f"{option.help} [env: {option.envvar}]"
+    help_text = f"{option.full_help()} [env: {option.env}]"
     if option.kind == "flag":
         default: Any = typer.Option(False, option.flag, help=help_text)
         annotation: Any = bool
@@ -182,7 +187,8 @@ command(
         inspect.Parameter(
             "interval", inspect.Parameter.KEYWORD_ONLY,
             default=typer.Option("1s", "--interval", metavar="DURATION",
-                                 help="With --watch: time between counts."),
+                                 help="With --watch: time between counts "
+                                 f"({commands.INTERVAL.limits()})."),
             annotation=str,
         ),
     ],
@@ -202,7 +208,7 @@ def app_main(args: Sequence[str]) -> int:
     """Run the app; a usage error is one line (`drainctl: ...`) and exit 2, never a traceback."""
     if not args:
         app(["--help"], prog_name="drainctl", standalone_mode=False)
-        return commands.EXIT_USAGE
+        return EXIT_USAGE
     try:
         result = app(list(args), prog_name="drainctl", standalone_mode=False)
     except SystemExit as exc:

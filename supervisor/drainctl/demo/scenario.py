@@ -777,18 +777,17 @@ def _progress(text: str) -> None:
 def command(*, as_json: bool, clients: int, slow_clients: int, delay: str) -> int:
     """The CLI's entry: flags in, exit code out (0 expected figures, 1 not, 2 usage, 130 ^C)."""
     from drainctl.cli.commands import fail
-    from drainctl.options import ConfigError, parse_duration
+    from drainctl.durations import DurationError, parse_duration
+    from drainctl.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED
 
     try:
-        seconds = parse_duration(delay, "--delay")
-    except ConfigError as exc:
+        # At most MAX_DELAY: the demo's grace period is GRACE_PERIOD.
+        seconds = parse_duration(delay, "--delay", maximum=MAX_DELAY)
+    except DurationError as exc:
         return fail(str(exc))
-    if seconds > MAX_DELAY:
-        return fail(f"--delay: at most {MAX_DELAY:g}s in the demo (its grace period is "
-                    f"{GRACE_PERIOD:g}s)")
     try:
         return main(DemoOptions(clients, slow_clients, seconds), as_json)
     except DemoError as exc:
-        return fail(f"demo: {exc}", 1)
+        return fail(f"demo: {exc}", EXIT_FAILED)
     except KeyboardInterrupt:
-        return fail("demo: interrupted (every process it started is gone)", 130)
+        return fail("demo: interrupted (every process it started is gone)", EXIT_INTERRUPTED)
