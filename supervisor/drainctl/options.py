@@ -42,6 +42,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Option",
+    "parse_count",
     "parse_down_url",
     "parse_exit_code_map",
     "parse_port",
@@ -113,6 +114,14 @@ def parse_signal(text: str, where: str = "signal") -> signal.Signals:
     raise ConfigError(f"{where}: {text!r} is not a signal name or number")
 
 
+def parse_count(text: str, where: str, low: int, high: int) -> int:
+    """A whole number in [low, high], written with ASCII digits."""
+    raw = text.strip()
+    if not _ascii_digits(raw) or len(raw) > 6 or not low <= int(raw) <= high:
+        raise ConfigError(f"{where}: {text!r} is not a whole number from {low} to {high}")
+    return int(raw)
+
+
 def parse_port(text: str, where: str = "port") -> int:
     raw = text.strip()
     if not _ascii_digits(raw) or len(raw) > 5 or not 1 <= int(raw) <= 65535:
@@ -166,14 +175,15 @@ def parse_down_url(text: str, where: str = "down URL") -> str | None:
     if scheme not in ("http", "https"):
         raise ConfigError(f"{where}: {text!r} must use http or https (scheme: {scheme})")
     hostport = match.group("authority").rpartition("@")[2]
-    if hostport.startswith("["):
-        host, _, after = hostport.partition("]")
-        host, port = host + "]", after.removeprefix(":") if after.startswith(":") else after
-        if after and not after.startswith(":"):
-            port = "x"
-    else:
-        host, _, port = hostport.partition(":")
-    if not host or not _HOST.fullmatch(host):
+    host, _, port = hostport.partition(":")
+    if hostport.startswith("["):  # an IPv6 address: [::1]:8080
+        end = hostport.find("]") + 1
+        host, port = hostport[:end], hostport[end:]
+        if not end or (port and not port.startswith(":")):
+            host = ""
+        port = port[1:]
+    if (not host or not _HOST.fullmatch(host) or len(host) > 253
+            or any(len(label) > 63 for label in host.split("."))):  # DNS's limits (RFC 1035)
         raise ConfigError(f"{where}: {text!r} has no valid host")
     if port and (not _ascii_digits(port) or len(port) > 5 or not 1 <= int(port) <= 65535):
         raise ConfigError(f"{where}: {text!r}: the port must be 1-65535")
@@ -201,6 +211,22 @@ def _path(text: str, where: str) -> str | None:
     if "\0" in path:
         raise ConfigError(f"{where}: {text!r} contains a NUL byte")
     return path or None
+
+
+def _socket(text: str, where: str) -> str | None:
+    """A socket path, or @NAME (abstract, UTF-8); empty: the default. At most 107 bytes, what
+    sun_path holds (unix(7)), so a bad name is a usage error, not a failure at bind or connect."""
+    address = _path(text, where)
+    if address is None:
+        return None
+    try:
+        size = (len(address[1:].encode()) if address.startswith("@")
+                else len(os.fsencode(address)))
+    except UnicodeError:
+        raise ConfigError(f"{where}: {text!r}: an abstract socket name must be UTF-8") from None
+    if size > 107:
+        raise ConfigError(f"{where}: {text!r} is longer than a socket address (107 bytes)")
+    return address
 
 
 def _log_format(text: str, where: str) -> str:
@@ -358,8 +384,8 @@ class Config:
     down_url: str | None = option(
         parse=parse_down_url,
         help="URL called to tell the app it is going down, e.g. "
-             "http://127.0.0.1:8080/ok.htm?down=true (printable ASCII). Unset or empty: no "
-             "call. Checked at start-up.")
+             "http://127.0.0.1:8080/ok.htm?down=true; printable ASCII (percent-encode the "
+             "rest). Unset or empty: no call. Checked at start-up.")
     down_method: str = option(default="GET", parse=_method, help="HTTP method for the down call.")
     down_timeout: float = option(
         default="5s", parse=Duration(maximum=3600.0),
@@ -369,7 +395,7 @@ class Config:
         name="port", kind="multi", parse=parse_ports, empty=(), env="DRAINCTL_PORTS",
         help="A port whose established inbound TCP connections must drain (repeatable; "
              "DRAINCTL_PORTS takes a comma list). Default: the ports the app's process tree "
-             "listens on when the drain starts.")
+             "listens on when the drain starts (looked up once more if none).")
     drain_timeout: float | None = option(
         parse=Duration(optional=True),
         help="Longest wait for connections to reach zero. Default: what the grace budget "
@@ -399,7 +425,7 @@ class Config:
         help="After a successful down call, one keep-alive request to this path checks that "
              "the app now answers 'Connection: close'.")
     control_socket: str | None = option(
-        parse=_path, commands=("run", "prestop", "status", "check"),
+        parse=_socket, commands=("run", "prestop", "status", "check"),
         help="Where `run` listens for `prestop` and `status`: a path, or @NAME for an abstract "
              "socket. Default: an abstract name unique to the container's mount namespace (no "
              "file needed; see docs/control.md).")
@@ -465,3 +491,7 @@ def readme_table() -> str:
         lines.append(f"| {flags} | {env} | {default} | {', '.join(row.commands)} | "
                      f"{meaning.replace('|', chr(92) + '|')} |")
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(readme_table(), end="")

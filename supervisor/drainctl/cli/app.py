@@ -17,7 +17,7 @@ import typer
 from drainctl import __version__
 from drainctl.cli import commands
 from drainctl.exitcodes import EXIT_USAGE
-from drainctl.options import OPTIONS, Option
+from drainctl.options import OPTIONS, ConfigError, Option, parse_count
 
 if TYPE_CHECKING:
     from drainctl.options import RawValue
@@ -120,9 +120,9 @@ command(
 def _demo(
     ctx: typer.Context,
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
-    clients: int = typer.Option(4, "--clients", min=1, max=20, help="Keep-alive clients."),
-    slow_clients: int = typer.Option(
-        2, "--slow-clients", min=0, max=10, help="Slow clients (1.5 s requests)."
+    clients: str = typer.Option("4", "--clients", metavar="1-20", help="Keep-alive clients."),
+    slow_clients: str = typer.Option(
+        "2", "--slow-clients", metavar="0-10", help="Slow clients (1.5 s requests)."
     ),
     delay: str = typer.Option(
         "1s", "--delay", metavar="VALUE", help="The old preStop's sleep and drainctl's --delay."
@@ -138,11 +138,16 @@ def _demo(
         raise typer.Exit(_demoapp.main(ctx.args))
     if ctx.args:
         ctx.fail(f"unexpected argument {ctx.args[0]!r}")
+    try:
+        counts = (parse_count(clients, "--clients", 1, 20),
+                  parse_count(slow_clients, "--slow-clients", 0, 10))
+    except ConfigError as exc:
+        raise typer.Exit(commands.fail(str(exc))) from None
     from drainctl.demo import (
         scenario as demo,  # clients, threads, subprocesses: only when the demo runs
     )
 
-    raise typer.Exit(demo.command(as_json=as_json, clients=clients, slow_clients=slow_clients,
+    raise typer.Exit(demo.command(as_json=as_json, clients=counts[0], slow_clients=counts[1],
                                   delay=delay))
 
 
