@@ -9,18 +9,13 @@ overflow later.
 
 from __future__ import annotations
 
-import re
-
 __all__ = ["DAY", "DurationError", "format_duration", "parse_duration"]
 
 DAY = 86400.0
 
-_TERM = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
-_DURATION = re.compile(rf"\s*(?:(?P<bare>{_TERM})|(?P<terms>(?:{_TERM}(?:ms|h|m|s))+))\s*",
-                       re.ASCII)
-_PART = re.compile(rf"({_TERM})(ms|h|m|s)", re.ASCII)
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-# Longer input is not a duration anyone meant; it also bounds the regular expression's work.
+_DIGITS = frozenset("0123456789.")
+# Longer input is not a duration anyone meant.
 _MAX_TEXT = 64
 
 
@@ -40,16 +35,11 @@ def parse_duration(
 
     `positive`: zero is refused too. NaN, infinities and negative values never parse.
     """
-    match = _DURATION.fullmatch(text) if len(text) <= _MAX_TEXT else None
-    if match is None:
+    seconds = _seconds(text.strip(" \t\n\r\f\v")) if len(text) <= _MAX_TEXT else None
+    if seconds is None:
         raise DurationError(
             f"{where}: {text!r} is not a duration (use e.g. 500ms, 15s, 2m, 1h30m, or seconds)"
         )
-    if match.group("bare") is not None:
-        seconds = float(match.group("bare"))
-    else:
-        seconds = sum(float(number) * _UNIT_SECONDS[unit]
-                      for number, unit in _PART.findall(match.group("terms")))
     if seconds > maximum:  # also +inf: "9" * 400 parses as float("inf")
         raise DurationError(f"{where}: {text!r} is past the maximum of {format_duration(maximum)}")
     if positive and seconds <= 0:
@@ -58,6 +48,34 @@ def parse_duration(
         raise DurationError(f"{where}: {text!r} is below the minimum of "
                             f"{format_duration(minimum)}")
     return seconds
+
+
+def _seconds(text: str) -> float | None:
+    """A number of seconds, or numbers each with a unit (`1h30m`); None if it is neither.
+    By hand, not with a regular expression: this runs at PID 1's start-up (options.py)."""
+    if text and all(ch in _DIGITS for ch in text):
+        return _number(text)
+    total, i = 0.0, 0
+    while i < len(text):
+        start = i
+        while i < len(text) and text[i] in _DIGITS:
+            i += 1
+        number = _number(text[start:i])
+        while i < len(text) and text[i] in " \t":  # `5 s`, as before
+            i += 1
+        unit = "ms" if text.startswith("ms", i) else text[i : i + 1]
+        if number is None or unit not in _UNIT_SECONDS:
+            return None
+        total += number * _UNIT_SECONDS[unit]
+        i += len(unit)
+    return total if text else None
+
+
+def _number(text: str) -> float | None:
+    """`15`, `1.5`, `.5`, `5.`: ASCII digits with at most one point."""
+    if text.count(".") > 1 or not text.strip("."):
+        return None
+    return float(text)
 
 
 def format_duration(seconds: float) -> str:

@@ -18,7 +18,6 @@ start-up (benchmarks/bench_startup.py measures it); the names below exist for my
 from __future__ import annotations
 
 import os
-import re
 import signal
 from types import MappingProxyType
 
@@ -152,11 +151,14 @@ def parse_exit_code_map(items: Sequence[str], where: str = "exit-code-map") -> d
     return mapping
 
 
-# Printable ASCII without space: what a URL or a request path may hold unencoded.
-_URL_TEXT = re.compile(r"[!-~]+", re.ASCII)
-_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<authority>[^/?#]*)(?P<rest>[/?#].*)?",
-                  re.ASCII)
-_HOST = re.compile(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%!$&'()*+,;=-]+", re.ASCII)
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                        "._~%!$&'()*+,;=-")
+_IPV6_CHARS = frozenset("0123456789abcdefABCDEF:.")
+
+
+def _url_text(text: str) -> bool:
+    """Printable ASCII without space: what a URL or a request path may hold unencoded."""
+    return text.isascii() and text.isprintable() and " " not in text
 
 
 def parse_down_url(text: str, where: str = "down URL") -> str | None:
@@ -165,16 +167,18 @@ def parse_down_url(text: str, where: str = "down URL") -> str | None:
     url = text.strip()
     if not url:
         return None
-    if not _URL_TEXT.fullmatch(url):
+    if not _url_text(url):
         raise ConfigError(f"{where}: {text!r} must be printable ASCII without spaces "
                           "(percent-encode anything else)")
-    match = _URL.fullmatch(url)
-    if match is None:
+    scheme, sep, rest = url.partition("://")
+    if not sep or not scheme[:1].isalpha() or not all(ch.isalnum() or ch in "+.-"
+                                                      for ch in scheme):
         raise ConfigError(f"{where}: {text!r} is not a URL (e.g. http://127.0.0.1:8080/down)")
-    scheme = match.group("scheme").lower()
+    scheme = scheme.lower()
     if scheme not in ("http", "https"):
         raise ConfigError(f"{where}: {text!r} must use http or https (scheme: {scheme})")
-    hostport = match.group("authority").rpartition("@")[2]
+    ends = [i for i in map(rest.find, "/?#") if i >= 0]
+    hostport = rest[: min(ends, default=len(rest))].rpartition("@")[2]
     host, _, port = hostport.partition(":")
     if hostport.startswith("["):  # an IPv6 address: [::1]:8080
         end = hostport.find("]") + 1
@@ -182,8 +186,12 @@ def parse_down_url(text: str, where: str = "down URL") -> str | None:
         if not end or (port and not port.startswith(":")):
             host = ""
         port = port[1:]
-    if (not host or not _HOST.fullmatch(host) or len(host) > 253
-            or any(len(label) > 63 for label in host.split("."))):  # DNS's limits (RFC 1035)
+    if host.startswith("["):
+        valid = len(host) > 2 and all(ch in _IPV6_CHARS for ch in host[1:-1])
+    else:  # a name within DNS's limits (RFC 1035), or an IPv4 address
+        valid = (bool(host) and all(ch in _HOST_CHARS for ch in host) and len(host) <= 253
+                 and all(len(label) <= 63 for label in host.split(".")))
+    if not valid:
         raise ConfigError(f"{where}: {text!r} has no valid host")
     if port and (not _ascii_digits(port) or len(port) > 5 or not 1 <= int(port) <= 65535):
         raise ConfigError(f"{where}: {text!r}: the port must be 1-65535")
@@ -192,7 +200,7 @@ def parse_down_url(text: str, where: str = "down URL") -> str | None:
 
 def _probe_path(text: str, where: str) -> str:
     path = text.strip()
-    if not path.startswith("/") or not _URL_TEXT.fullmatch(path):
+    if not path.startswith("/") or not _url_text(path):
         raise ConfigError(f"{where}: {text!r} must start with / and be printable ASCII "
                           "without spaces")
     return path
