@@ -1,4 +1,4 @@
-"""Start-up time and steady footprint of `drainctl run`, beside tini and a Python floor (issue 2).
+"""Start-up time and steady footprint of `drainctl run`, beside tini and a Python floor.
 
     python3 benchmarks/bench_startup.py [-n 20] [--idle 5] [--skip-pth] [--drainctl-bin PATH]
 
@@ -46,7 +46,7 @@ STANDIN = HERE / "standin.py"
 APP_SECONDS = "30"  # the sleeping app of the steady-state phase
 DOWN_URL = "http://127.0.0.1:8080/down"  # never called: /bin/true exits before any drain
 RUN_TIMEOUT = 15.0  # one start-up run longer than this is killed and reported
-# Third-party packages `run` must not import (issue 2), and stdlib modules that cost several ms
+# Third-party packages `run` must not import, and stdlib modules that cost several ms
 # and hundreds of KiB each: the report says which drainctl module first pulls each one in.
 THIRD_PARTY = ("typer", "click", "pydantic", "rich", "psutil", "httpx", "httpcore", "certifi")
 HEAVY_STDLIB = ("dataclasses", "inspect", "typing", "ctypes", "socket", "urllib.parse",

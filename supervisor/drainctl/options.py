@@ -37,7 +37,6 @@ else:
 
 __all__ = [
     "OPTIONS",
-    "OPTIONS_BY_NAME",
     "Config",
     "ConfigError",
     "Option",
@@ -283,10 +282,6 @@ class Option:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
-    @property
-    def envvar(self) -> str:
-        return self.env
-
     def full_help(self) -> str:
         """The help with the bounds the parser enforces (shown by --help and the README)."""
         if isinstance(self.parse, Duration):
@@ -454,7 +449,6 @@ class Config:
 
 
 OPTIONS: tuple[Option, ...] = Config._options  # type: ignore[attr-defined]
-OPTIONS_BY_NAME = {row.name: row for row in OPTIONS}
 
 
 def resolve(raw: Mapping[str, RawValue], environ: Mapping[str, str] | None = None) -> Config:

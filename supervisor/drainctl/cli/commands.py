@@ -1,4 +1,4 @@
-"""The commands' bodies, shared by the typer app (cli.py) and `run`'s fast path (__main__).
+"""The commands' bodies, shared by the typer app (cli/app.py) and `run`'s fast path (__main__).
 
 Each takes raw option values (flags; the environment is read here), does the work, and turns
 every expected error into one line on stderr and a documented exit code. No typer here.
