@@ -21,6 +21,7 @@ import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -391,6 +392,7 @@ def test_any_bytes_as_a_real_process_are_a_value_or_one_line(
         argv += [b"--", b"/bin/true"]
     env = {os.fsencode(k): os.fsencode(v) for k, v in os.environ.items()
            if not k.startswith("DRAINCTL_")}
+    env[b"PYTHONIOENCODING"] = b"utf-8:strict"  # as under a UTF-8 locale: no surrogateescape
     # Whatever valid value comes, prestop's own drain ends within a second: nothing to wait for.
     env.update({b"DRAINCTL_CONTROL_SOCKET": own_socket().encode(), b"DRAINCTL_DELAY": b"0",
                 b"DRAINCTL_GRACE_PERIOD": b"2s", b"DRAINCTL_STOP_TIMEOUT": b"1s",
@@ -511,3 +513,19 @@ def test_help_shows_every_option_and_its_bounds() -> None:
     for row in table_rows("run"):
         assert row.flag in text
     assert "At most 24h." in text and "At least 10ms, at most 1m." in text
+
+
+def test_check_reports_a_non_utf8_name_under_a_strict_locale(tmp_path: Path) -> None:
+    # The report shows the socket and log paths it was given: bytes that are not UTF-8 are
+    # escaped, not a UnicodeEncodeError halfway through the report.
+    env = {os.fsencode(k): os.fsencode(v) for k, v in os.environ.items()
+           if not k.startswith("DRAINCTL_")}
+    env[b"PYTHONIOENCODING"] = b"utf-8:strict"
+    name = os.fsencode(tmp_path) + b"/\xff"
+    done = subprocess.run([*map(os.fsencode, drainctl_argv()), b"check", b"--control-socket",
+                           name + b".sock", b"--termination-log", name + b".log",
+                           b"--grace-period", b"60s"],
+                          env=env, capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert b"Traceback" not in done.stderr, done.stderr
+    assert done.returncode in (exitcodes.EXIT_OK, exitcodes.EXIT_BROKEN)
+    assert b"\\udcff.sock" in done.stdout and b"\\udcff.log" in done.stdout

@@ -211,6 +211,12 @@ command(
 
 def app_main(args: Sequence[str]) -> int:
     """Run the app; a usage error is one line (`drainctl: ...`) and exit 2, never a traceback."""
+    try:
+        # What the commands print may hold a name from argv or environ with bytes that are not
+        # UTF-8 (a socket path, say): shown escaped rather than failing the whole report.
+        sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
+        pass  # not a TextIOWrapper (a test's StringIO), or closed
     if not args:
         app(["--help"], prog_name="drainctl", standalone_mode=False)
         return EXIT_USAGE
