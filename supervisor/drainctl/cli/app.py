@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 
 from drainctl import __version__
+from drainctl import exitcodes as ex
 from drainctl.cli import commands
-from drainctl.exitcodes import EXIT_USAGE
 from drainctl.options import OPTIONS, ConfigError, Option, parse_count
 
 if TYPE_CHECKING:
@@ -105,7 +105,8 @@ def command(
 command(
     "run",
     "Supervise COMMAND as PID 1: forward signals, reap zombies, drain on SIGTERM, pass on the "
-    "exit code (128+N for death by signal N; 127 not found; 126 not executable; 2 bad usage).",
+    f"exit code ({ex.EXIT_SIGNAL_BASE}+N for death by signal N; {ex.EXIT_NOT_FOUND} not found; "
+    f"{ex.EXIT_CANNOT_EXECUTE} not executable; {ex.EXIT_USAGE} bad usage).",
     lambda raw, command: commands.run(raw, command),
     extra=[inspect.Parameter(
         "command", inspect.Parameter.KEYWORD_ONLY,
@@ -159,15 +160,16 @@ def _flag(name: str, flag: str, help_text: str) -> inspect.Parameter:
 command(
     "prestop",
     "The preStop hook: start or join the supervisor's drain and return when it has finished; "
-    "without a supervisor, run the same drain here (never signalling the app). Exit 0 drained "
-    "(or nothing left to wait for), 1 deadline reached with connections left, 2 bad usage.",
+    f"without a supervisor, run the same drain here (never signalling the app). Exit {ex.EXIT_OK} "
+    f"drained (or nothing left to wait for), {ex.EXIT_LEFT} deadline reached with connections "
+    f"left, {ex.EXIT_USAGE} bad usage.",
     lambda raw: commands.prestop(raw),
 )
 
 command(
     "status",
     "What the running supervisor is doing: state, app pid, uptime, connections, time left. "
-    "Exit 3 when no supervisor answers.",
+    f"Exit {ex.EXIT_NO_SUPERVISOR} when no supervisor answers.",
     lambda raw, as_json: commands.status(raw, as_json),
     extra=[_flag("as_json", "--json", "Print one JSON object.")],
 )
@@ -203,8 +205,8 @@ command(
     "check",
     "Dry run for a manifest: checks the options against the grace budget, shows the ports a "
     "drain would watch, checks that the down URL's host:port accepts a TCP connection (without "
-    "calling it), prints the preStop hook and terminationGracePeriodSeconds to use. Exit 0 "
-    "workable, 1 it cannot work as given, 2 bad usage.",
+    "calling it), prints the preStop hook and terminationGracePeriodSeconds to use. Exit "
+    f"{ex.EXIT_OK} workable, {ex.EXIT_BROKEN} it cannot work as given, {ex.EXIT_USAGE} bad usage.",
     lambda raw: commands.check(raw),
 )
 
@@ -219,7 +221,7 @@ def app_main(args: Sequence[str]) -> int:
         pass  # not a TextIOWrapper (a test's StringIO), or closed
     if not args:
         app(["--help"], prog_name="drainctl", standalone_mode=False)
-        return EXIT_USAGE
+        return ex.EXIT_USAGE
     try:
         result = app(list(args), prog_name="drainctl", standalone_mode=False)
     except SystemExit as exc:
