@@ -204,6 +204,7 @@ def test_durations_reject_with_one_line(text: str) -> None:
     assert str(info.value).startswith("--delay: ") and "\n" not in str(info.value)
 
 
+@settings(deadline=None)  # a loaded CI machine: no per-example deadline
 @given(st.floats(min_value=0, max_value=DAY))
 def test_format_duration_reads_back(seconds: float) -> None:
     text = format_duration(seconds)
@@ -213,6 +214,7 @@ def test_format_duration_reads_back(seconds: float) -> None:
     assert math.isclose(back, seconds, abs_tol=tolerance + 1e-9), (seconds, text)
 
 
+@settings(deadline=None)  # a loaded CI machine: no per-example deadline
 @given(st.text(max_size=30))
 @example("\u0661\u0665s")
 @example("\uff15")
@@ -254,6 +256,7 @@ def test_down_url_rejected_with_one_line(url: str, why: str) -> None:
     assert "\n" not in str(info.value)
 
 
+@settings(deadline=None)  # a loaded CI machine: no per-example deadline
 @given(st.from_regex(r"\A(https?|HTTP|ftp)://[a-z0-9.\[\]:@%-]{0,20}(/[!-~]{0,10})?\Z"))
 def test_every_down_url_it_accepts_httpx_accepts(url: str) -> None:
     import httpx
