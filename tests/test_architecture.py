@@ -1,9 +1,9 @@
 """The layout's rules, read from the source (README, "How it is built").
 
 Imports go one way: cli -> control, demo -> pid1 -> drain -> the base modules (options,
-events, exitcodes, signames, redact, faults); app/ imports nothing of drainctl outside itself.
-Every import counts, also those inside functions and under TYPE_CHECKING: a cycle of type-level
-imports is a cycle a reader has to untangle all the same.
+events, exitcodes, durations, signames, redact, faults); app/ imports nothing of drainctl
+outside itself. Every import counts, also those inside functions and under TYPE_CHECKING: a
+cycle of type-level imports is a cycle a reader has to untangle all the same.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ LAYERS = {
     "entry": 6,  # __main__
 }
 BASE = {"drainctl", "drainctl.options", "drainctl.events", "drainctl.exitcodes",
-        "drainctl.signames", "drainctl.redact", "drainctl.faults"}
+        "drainctl.signames", "drainctl.redact", "drainctl.faults", "drainctl.durations"}
 # The public import paths of the app side: re-exports of drainctl.app.
 PUBLIC_APP = {"drainctl.wsgi", "drainctl.asgi"}
 

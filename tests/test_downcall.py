@@ -26,7 +26,6 @@ from drainctl.drain.downcall import (
     call_down,
     probe_connection_close,
     probe_url,
-    validate_down_url,
 )
 
 # Time the machine may add on top of a deadline (thread start, a loaded CI runner).
@@ -389,48 +388,7 @@ def test_probe_hanging_is_unknown_and_bounded() -> None:
     assert time.monotonic() - start <= 0.3 + MARGIN_S
 
 
-# --- URLs -----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "url",
-    [
-        "http://127.0.0.1:8080/ok.htm?down=true",
-        "https://localhost/down",
-        "http://[::1]:8080/down",
-        "HTTP://app:1/",
-        "http://app.default.svc.cluster.local:65535",
-    ],
-)
-def test_validate_accepts(url: str) -> None:
-    assert validate_down_url(url) == url
-    httpx.URL(url)  # and httpx agrees it can call it
-
-
-@pytest.mark.parametrize(
-    ("url", "why"),
-    [
-        ("ftp://127.0.0.1/down", "http or https"),
-        ("localhost:8080/down", "http or https"),
-        ("127.0.0.1:8080/down", "http or https"),
-        ("http://", "no host"),
-        ("http:///down", "no host"),
-        ("http://:8080/down", "no host"),
-        ("not a url", "whitespace"),
-        ("http://127.0.0.1:8080/ok .htm", "whitespace"),
-        (" http://127.0.0.1/", "whitespace"),
-        ("http://127.0.0.1/\n", "whitespace"),
-        ("http://127.0.0.1:99999/", "not a valid URL"),
-        ("http://127.0.0.1:abc/", "not a valid URL"),
-        ("http://127.0.0.1:0/", "port 0"),
-        ("http://[::1/", "not a valid URL"),
-        ("", "empty"),
-    ],
-)
-def test_validate_rejects_with_one_clear_line(url: str, why: str) -> None:
-    with pytest.raises(ValueError, match=why) as info:
-        validate_down_url(url)
-    assert "\n" not in str(info.value)
+# --- the probe's URL (validation: options.parse_down_url, tests/test_options.py) ----------
 
 
 @pytest.mark.parametrize(
@@ -450,7 +408,6 @@ def test_module_does_not_import_httpx() -> None:
     # The supervisor imports this module at start-up; httpx (~170 ms) only comes with a drain.
     code = (
         "import sys, drainctl.drain.downcall as d\n"
-        "d.validate_down_url('http://127.0.0.1:8080/down')\n"
         "d.probe_url('http://127.0.0.1:8080/down')\n"
         "print('httpx' in sys.modules)\n"
     )

@@ -26,9 +26,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from drainctl.drain.downcall import redact_url, validate_down_url
+from drainctl.drain.downcall import redact_url
 from drainctl.drain.termination import write
 from drainctl.events import Events, format_json, format_text
+from drainctl.options import parse_down_url
 from tests.conftest import IS_ROOT, Processes, app, drainctl_argv
 from tests.hooks import free_port
 
@@ -104,7 +105,7 @@ def test_redact_url_takes_any_text(text: str) -> None:
 )
 def test_bad_down_url_error_hides_the_secrets(url: str) -> None:
     with pytest.raises(ValueError) as info:
-        validate_down_url(url)
+        parse_down_url(url)
     assert_clean(str(info.value))
     done = subprocess.run([*drainctl_argv(), "run", "--down-url", url, "--", "true"],
                           capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)

@@ -13,7 +13,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] in (["run"], ["prestop"]):
         # PID 1, and the hook whose start-up comes out of the grace period: parse with the
-        # option table alone (cli/fastparse.py), no typer. Anything unusual goes to the typer app.
+        # option table alone (cli/fastparse.py), no typer. Anything unusual goes to typer.
         from drainctl.cli import commands
         from drainctl.cli import fastparse as fast
 

@@ -26,8 +26,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import IO, Any
 
-__all__ = ["LOG_FORMATS", "Events", "flush_all", "format_json", "format_text"]
+__all__ = ["LOG_FORMATS", "Events", "flush_all", "format_json", "format_text",
+           "resolve_log_format"]
 
+# The values of --log-format (options.py validates against this).
 LOG_FORMATS = ("auto", "json", "text")
 
 # Listeners get every event as the dict that is logged (used by the control channel to stream a
@@ -87,11 +89,8 @@ class Events:
     ) -> None:
         self._stream = stream
         self._out = None if stream is not None else _stderr_writer()
-        if log_format == "auto":
-            tty = _isatty(stream) if stream is not None else (
-                self._out is not None and self._out.isatty())
-            log_format = "text" if tty else "json"
-        self._format = format_text if log_format == "text" else format_json
+        text = resolve_log_format(log_format, stream) == "text"
+        self._format = format_text if text else format_json
         self._clock = clock
         self._listeners: list[Listener] = []
         if self._out is not None:
@@ -264,7 +263,17 @@ def flush_all(timeout: float = 1.0) -> None:
         writer.flush(max(0.0, deadline - time.monotonic()))
 
 
-def _isatty(stream: IO[str]) -> bool:
+def resolve_log_format(log_format: str, stream: IO[str] | None = None) -> str:
+    """"text" or "json" for a --log-format value; "auto" is text on a terminal (`stream`,
+    default stderr), JSON otherwise (also when stderr is closed)."""
+    if log_format != "auto":
+        return "text" if log_format == "text" else "json"
+    return "text" if _isatty(stream if stream is not None else sys.stderr) else "json"
+
+
+def _isatty(stream: IO[str] | None) -> bool:
+    if stream is None:  # sys.stderr is None when fd 2 was closed at start-up
+        return False
     try:
         return os.isatty(stream.fileno())
     except (OSError, ValueError, AttributeError):

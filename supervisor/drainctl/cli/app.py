@@ -1,8 +1,8 @@
 """The typer app: `--help`, usage errors, and every command but `run`'s fast path.
 
-Options are generated from config.OPTIONS, so the help, the fast parser and the environment
-variables cannot drift apart. Values arrive as strings and are validated by config.resolve, which
-gives one-line errors naming the flag or the variable.
+Options are generated from options.OPTIONS, so the help, the fast parser and the environment
+variables cannot drift apart. Values arrive as strings and are validated by options.resolve,
+which gives one-line errors naming the flag or the variable.
 """
 
 from __future__ import annotations
@@ -10,13 +10,17 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from drainctl import __version__
+from drainctl import exitcodes as ex
 from drainctl.cli import commands
-from drainctl.options import OPTIONS, Option, RawValue
+from drainctl.options import OPTIONS, ConfigError, Option, parse_count
+
+if TYPE_CHECKING:
+    from drainctl.options import RawValue
 
 __all__ = ["app", "app_main"]
 
@@ -29,7 +33,8 @@ drainctl: a shell-free PID 1 that drains a pod's TCP connections before it stops
 On SIGTERM (or prestop) it waits --delay for endpoint removal to propagate, calls --down-url,
 waits for the established connections on the app's ports to reach zero (within the grace
 budget), and only then sends the app its stop signal. Every option also reads DRAINCTL_<NAME>;
-a flag beats the variable. Durations: 250ms, 15s, 2m, or seconds.
+a flag beats the variable. Durations: 250ms, 15s, 2m, 1h30m, or seconds; each has a maximum
+(24h unless its help says otherwise). Exit codes: see the README.
 """
 
 app = typer.Typer(
@@ -57,7 +62,7 @@ def _root(
 
 
 def _parameter(option: Option) -> inspect.Parameter:
-    help_text = f"{option.help} [env: {option.envvar}]"
+    help_text = f"{option.full_help()} [env: {option.env}]"
     if option.kind == "flag":
         default: Any = typer.Option(False, option.flag, help=help_text)
         annotation: Any = bool
@@ -100,7 +105,8 @@ def command(
 command(
     "run",
     "Supervise COMMAND as PID 1: forward signals, reap zombies, drain on SIGTERM, pass on the "
-    "exit code (128+N for death by signal N; 127 not found; 126 not executable; 2 bad usage).",
+    f"exit code ({ex.EXIT_SIGNAL_BASE}+N for death by signal N; {ex.EXIT_NOT_FOUND} not found; "
+    f"{ex.EXIT_CANNOT_EXECUTE} not executable; {ex.EXIT_USAGE} bad usage).",
     lambda raw, command: commands.run(raw, command),
     extra=[inspect.Parameter(
         "command", inspect.Parameter.KEYWORD_ONLY,
@@ -115,9 +121,9 @@ command(
 def _demo(
     ctx: typer.Context,
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
-    clients: int = typer.Option(4, "--clients", min=1, max=20, help="Keep-alive clients."),
-    slow_clients: int = typer.Option(
-        2, "--slow-clients", min=0, max=10, help="Slow clients (1.5 s requests)."
+    clients: str = typer.Option("4", "--clients", metavar="1-20", help="Keep-alive clients."),
+    slow_clients: str = typer.Option(
+        "2", "--slow-clients", metavar="0-10", help="Slow clients (1.5 s requests)."
     ),
     delay: str = typer.Option(
         "1s", "--delay", metavar="VALUE", help="The old preStop's sleep and drainctl's --delay."
@@ -133,8 +139,13 @@ def _demo(
         raise typer.Exit(_demoapp.main(ctx.args))
     if ctx.args:
         ctx.fail(f"unexpected argument {ctx.args[0]!r}")
-    raise typer.Exit(commands.demo(as_json=as_json, clients=clients, slow_clients=slow_clients,
-                                   delay=delay))
+    try:
+        counts = (parse_count(clients, "--clients", 1, 20),
+                  parse_count(slow_clients, "--slow-clients", 0, 10))
+    except ConfigError as exc:
+        raise typer.Exit(commands.fail(str(exc))) from None
+    raise typer.Exit(commands.demo(as_json=as_json, clients=counts[0],
+                                   slow_clients=counts[1], delay=delay))
 
 
 def _flag(name: str, flag: str, help_text: str) -> inspect.Parameter:
@@ -145,15 +156,16 @@ def _flag(name: str, flag: str, help_text: str) -> inspect.Parameter:
 command(
     "prestop",
     "The preStop hook: start or join the supervisor's drain and return when it has finished; "
-    "without a supervisor, run the same drain here (never signalling the app). Exit 0 drained "
-    "(or nothing left to wait for), 1 deadline reached with connections left, 2 bad usage.",
+    f"without a supervisor, run the same drain here (never signalling the app). Exit {ex.EXIT_OK} "
+    f"drained (or nothing left to wait for), {ex.EXIT_LEFT} deadline reached with connections "
+    f"left, {ex.EXIT_USAGE} bad usage.",
     lambda raw: commands.prestop(raw),
 )
 
 command(
     "status",
     "What the running supervisor is doing: state, app pid, uptime, connections, time left. "
-    "Exit 3 when no supervisor answers.",
+    f"Exit {ex.EXIT_NO_SUPERVISOR} when no supervisor answers.",
     lambda raw, as_json: commands.status(raw, as_json),
     extra=[_flag("as_json", "--json", "Print one JSON object.")],
 )
@@ -178,7 +190,8 @@ command(
         inspect.Parameter(
             "interval", inspect.Parameter.KEYWORD_ONLY,
             default=typer.Option("1s", "--interval", metavar="DURATION",
-                                 help="With --watch: time between counts."),
+                                 help="With --watch: time between counts "
+                                 f"({commands.INTERVAL.limits()})."),
             annotation=str,
         ),
     ],
@@ -188,17 +201,23 @@ command(
     "check",
     "Dry run for a manifest: checks the options against the grace budget, shows the ports a "
     "drain would watch, checks that the down URL's host:port accepts a TCP connection (without "
-    "calling it), prints the preStop hook and terminationGracePeriodSeconds to use. Exit 0 "
-    "workable, 1 it cannot work as given, 2 bad usage.",
+    "calling it), prints the preStop hook and terminationGracePeriodSeconds to use. Exit "
+    f"{ex.EXIT_OK} workable, {ex.EXIT_BROKEN} it cannot work as given, {ex.EXIT_USAGE} bad usage.",
     lambda raw: commands.check(raw),
 )
 
 
 def app_main(args: Sequence[str]) -> int:
     """Run the app; a usage error is one line (`drainctl: ...`) and exit 2, never a traceback."""
+    try:
+        # What the commands print may hold a name from argv or environ with bytes that are not
+        # UTF-8 (a socket path, say): shown escaped rather than failing the whole report.
+        sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
+        pass  # not a TextIOWrapper (a test's StringIO), or closed
     if not args:
         app(["--help"], prog_name="drainctl", standalone_mode=False)
-        return commands.EXIT_USAGE
+        return ex.EXIT_USAGE
     try:
         result = app(list(args), prog_name="drainctl", standalone_mode=False)
     except SystemExit as exc:

@@ -18,18 +18,20 @@ import os
 import socket
 import sys
 from collections.abc import Mapping
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 from urllib.parse import urlsplit
 
 from drainctl.control import client as control
 from drainctl.drain.budget import Budget
+from drainctl.durations import format_duration
+from drainctl.exitcodes import EXIT_BROKEN, EXIT_OK
 from drainctl.options import OPTIONS, Config, RawValue
 from drainctl.redact import redact_url
 
-__all__ = ["EXIT_BROKEN", "EXIT_OK", "check"]
+if TYPE_CHECKING:
+    from drainctl.options import RawValue
 
-EXIT_OK = 0
-EXIT_BROKEN = 1
+__all__ = ["check"]
 
 # A TCP connect to the down URL's host:port never waits longer than this in a dry run.
 _CONNECT_TIMEOUT_MAX = 3.0
@@ -47,9 +49,10 @@ def check(config: Config, given: Mapping[str, RawValue], out: TextIO | None = No
     wait = budget.stop_deadline - budget.delay_end
     if config.drain_timeout is not None:
         wait = min(wait, config.drain_timeout)
-    line("budget", f"grace-period {_s(config.grace_period)}: delay {_s(budget.delay_end)}, "
-                   f"connections up to {_s(max(0.0, wait))}, stop signal at "
-                   f"{_s(budget.stop_deadline)}, then stop-timeout {_s(config.stop_timeout)}")
+    s = format_duration
+    line("budget", f"grace-period {s(config.grace_period)}: delay {s(budget.delay_end)}, "
+                   f"connections up to {s(max(0.0, wait))}, stop signal at "
+                   f"{s(budget.stop_deadline)}, then stop-timeout {s(config.stop_timeout)}")
     for problem in budget.problems():
         problems.append(problem)
         line("  PROBLEM", problem)
@@ -120,6 +123,8 @@ def _reachable(url: str, timeout: float) -> str | None:
     try:
         with socket.create_connection((host, port), timeout=timeout):
             pass  # connected: that is all we wanted to know; nothing is sent
+    except UnicodeError:  # the name's IDNA encoding: a label over 63 characters, say
+        return f"{host}:{port}: not a valid host name: the down call would fail"
     except OSError as exc:
         why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
         return f"{host}:{port} does not accept TCP connections ({why}): the down call would fail"
@@ -203,7 +208,3 @@ def _secret_url(given: Mapping[str, RawValue]) -> str | None:
     """The down URL given on the command line, if it holds something redact_url hides."""
     url = given.get("down_url")
     return url if isinstance(url, str) and redact_url(url) != url else None
-
-
-def _s(seconds: float) -> str:
-    return f"{seconds:g}s"

@@ -1,4 +1,4 @@
-"""The commands' bodies, shared by the typer app (cli.py) and `run`'s fast path (__main__).
+"""The commands' bodies, shared by the typer app (cli/app.py) and `run`'s fast path (__main__).
 
 Each takes raw option values (flags; the environment is read here), does the work, and turns
 every expected error into one line on stderr and a documented exit code. No typer here.
@@ -10,15 +10,23 @@ import json
 import sys
 from collections.abc import Mapping, Sequence
 
-from drainctl.options import ConfigError, RawValue, parse_duration, parse_port, resolve
+from drainctl.exitcodes import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_NO_SUPERVISOR,
+    EXIT_OK,
+    EXIT_USAGE,
+)
+from drainctl.options import ConfigError, Duration, parse_ports, resolve
 
-TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (see drain.py)
+TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (see options.py)
 if TYPE_CHECKING:
     from typing import Any
 
+    from drainctl.options import RawValue
+
 __all__ = [
-    "EXIT_NO_SUPERVISOR",
-    "EXIT_USAGE",
+    "INTERVAL",
     "check",
     "connections",
     "fail",
@@ -27,9 +35,8 @@ __all__ = [
     "status",
 ]
 
-EXIT_USAGE = 2
-EXIT_NO_SUPERVISOR = 3  # status: no supervisor answers (CONTRACT)
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports ^C
+# `connections --watch --interval`: the same bounds as the drain's poll, up to an hour.
+INTERVAL = Duration(maximum=3600.0, minimum=0.01)
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> int:
@@ -94,7 +101,7 @@ def status(raw: Mapping[str, RawValue], as_json: bool = False) -> int:
         return fail(f"status: {exc}", EXIT_NO_SUPERVISOR)
     fields = {k: v for k, v in answer.items() if k not in ("v", "type")}
     _print(json.dumps(fields) if as_json else report.status_text(fields))
-    return 0
+    return EXIT_OK
 
 
 def connections(
@@ -112,20 +119,18 @@ def connections(
 
     try:
         resolve(raw)
-        ports = sorted({parse_port(p, "--port") for item in port or () for p in item.split(",")
-                        if p.strip()})
-        pause = parse_duration(interval, "--interval")
+        ports = list(parse_ports(port or (), "--port"))
+        pause = INTERVAL(interval, "--interval")
     except ConfigError as exc:
         return fail(str(exc))
-    if pause <= 0:
-        return fail("--interval: must be greater than 0")
+    assert pause is not None
     counter = make_counter()
     try:
         while True:
             try:
                 counts = counter.count(ports or all_listening_ports())
             except OSError as exc:
-                return fail(f"connections: cannot count: {exc}", 1)
+                return fail(f"connections: cannot count: {exc}", EXIT_FAILED)
             per_port = report.connections_json(counts)
             if as_json:
                 doc: dict[str, Any] = {"ports": per_port, "established": counts.established,
@@ -137,10 +142,10 @@ def connections(
                 _print(report.connections_line(per_port) if watch
                        else report.connections_table(per_port))
             if not watch:
-                return 0
+                return EXIT_OK
             time.sleep(pause)  # a client command, not the supervisor: a plain sleep is fine
     except KeyboardInterrupt:
-        return 0  # ^C is how --watch ends
+        return EXIT_OK  # ^C is how --watch ends
     except BrokenPipeError:
         # `| head`: the reader has seen enough. Point stdout at /dev/null so the interpreter's
         # final flush does not complain about the same pipe.
@@ -149,7 +154,7 @@ def connections(
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-        return 0
+        return EXIT_OK
 
 
 def check(raw: Mapping[str, RawValue]) -> int:
@@ -168,20 +173,19 @@ def _print(text: str) -> None:
 
 
 def demo(*, as_json: bool, clients: int, slow_clients: int, delay: str) -> int:
-    """The CLI's entry: flags in, exit code out (0 expected figures, 1 not, 2 usage, 130 ^C)."""
+    """The demo: flags in, exit code out (0 expected figures, 1 not, 2 usage, 130 ^C)."""
     # clients, threads, subprocesses: only when the demo runs
-    from drainctl.demo.scenario import GRACE_PERIOD, MAX_DELAY, DemoError, DemoOptions, main
+    from drainctl.demo.scenario import MAX_DELAY, DemoError, DemoOptions, main
+    from drainctl.durations import DurationError, parse_duration
 
     try:
-        seconds = parse_duration(delay, "--delay")
-    except ConfigError as exc:
+        # At most MAX_DELAY: the demo's grace period is GRACE_PERIOD.
+        seconds = parse_duration(delay, "--delay", maximum=MAX_DELAY)
+    except DurationError as exc:
         return fail(str(exc))
-    if seconds > MAX_DELAY:
-        return fail(f"--delay: at most {MAX_DELAY:g}s in the demo (its grace period is "
-                    f"{GRACE_PERIOD:g}s)")
     try:
         return main(DemoOptions(clients, slow_clients, seconds), as_json)
     except DemoError as exc:
-        return fail(f"demo: {exc}", 1)
+        return fail(f"demo: {exc}", EXIT_FAILED)
     except KeyboardInterrupt:
-        return fail("demo: interrupted (every process it started is gone)", 130)
+        return fail("demo: interrupted (every process it started is gone)", EXIT_INTERRUPTED)

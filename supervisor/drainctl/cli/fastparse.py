@@ -1,16 +1,21 @@
 """A small parser for the option table, so `drainctl run` never imports typer.
 
 typer (and the click it bundles) costs ~100 ms and ~6 MiB at start-up, paid by every container
-start and kept for the app's whole life by PID 1. `run`'s options are all in config.OPTIONS, so a
-table-driven parse is exact; anything it does not understand (--help, an unknown flag, a missing
-value) goes to the typer app, which gives the full help and the usage errors.
+start and kept for the app's whole life by PID 1. `run`'s and `prestop`'s options are all in
+options.OPTIONS, so a table-driven parse is exact (tests/test_options.py checks it against the
+typer app); anything it does not understand (--help, an unknown flag, a missing value) goes to
+the typer app, which gives the full help and the usage errors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from drainctl.options import OPTIONS
 
-from drainctl.options import OPTIONS, RawValue
+TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (see options.py)
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from drainctl.options import RawValue
 
 __all__ = ["NotFast", "parse"]
 

@@ -40,14 +40,19 @@ from typing import Any
 from drainctl import exitcodes
 from drainctl.control.client import Client
 from drainctl.control.protocol import ControlError, NoServer, resolve_address
-from drainctl.drain.machine import prestop_exit_code
 from drainctl.events import Events
 from drainctl.options import Config
 
-__all__ = ["PrestopError", "auto_ports", "pid1_is_supervisor", "prestop"]
+__all__ = [
+    "EXIT_LEFT",
+    "EXIT_USAGE",
+    "PrestopError",
+    "auto_ports",
+    "pid1_is_supervisor",
+    "prestop",
+]
 
-EXIT_LEFT = exitcodes.PRESTOP_LEFT
-EXIT_USAGE = exitcodes.USAGE
+from drainctl.exitcodes import EXIT_LEFT, EXIT_USAGE
 
 # How long past the supervisor's own deadline a joined prestop waits for the result before it
 # gives up (the supervisor finishes the drain at its deadline; this only guards against a hang).
@@ -142,7 +147,7 @@ def _join(
                 code = message.get("code")
                 if isinstance(code, int):
                     return code
-                return prestop_exit_code(str(message.get("reason")))
+                return exitcodes.prestop_code(str(message.get("reason")))
             elif kind == "error":
                 raise PrestopError(f"{client.address}: {message.get('error')}", EXIT_USAGE)
     except TimeoutError:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
+from drainctl.durations import format_duration
+
 TYPE_CHECKING = False  # status and connections only; the server imports connections_json
 if TYPE_CHECKING:
     from typing import Any
@@ -85,16 +87,10 @@ def connections_line(ports: Mapping[str, Mapping[str, int]], now: float | None =
 
 
 def _duration(value: object) -> str:
-    if not isinstance(value, int | float):
+    """A duration from a status reply, which may be anything: "-" when it is not a number."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
         return "-"
-    seconds = float(value)
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
+    return format_duration(float(value))
 
 
 def connections_json(counts: Counts, with_idle: bool = False) -> dict[str, dict[str, int]]:

@@ -7,6 +7,8 @@ stop-timeout before the kubelet's SIGKILL (README, "The budget").
 
 from __future__ import annotations
 
+from drainctl.durations import format_duration
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from drainctl.options import Config
@@ -60,33 +62,30 @@ class Budget:
 
     def problems(self) -> list[str]:
         """What cannot fit, with the numbers (warned about at start-up; `check` fails on them)."""
+        d = format_duration
         found = []
         if self.stop_timeout >= self.grace_period:
             found.append(
-                f"stop-timeout {_s(self.stop_timeout)} >= grace-period {_s(self.grace_period)}: "
+                f"stop-timeout {d(self.stop_timeout)} >= grace-period {d(self.grace_period)}: "
                 "no time is left to drain; the stop signal goes out at once"
             )
         elif self.delay >= self.stop_deadline:
             found.append(
-                f"delay {_s(self.delay)} >= grace-period {_s(self.grace_period)} - stop-timeout "
-                f"{_s(self.stop_timeout)} = {_s(self.stop_deadline)}: the delay is cut to "
-                f"{_s(self.stop_deadline)} and no time is left for connections to drain"
+                f"delay {d(self.delay)} >= grace-period {d(self.grace_period)} - stop-timeout "
+                f"{d(self.stop_timeout)} = {d(self.stop_deadline)}: the delay is cut to "
+                f"{d(self.stop_deadline)} and no time is left for connections to drain"
             )
         elif (
             self.drain_timeout is not None
             and self.delay + self.drain_timeout > self.stop_deadline
         ):
             found.append(
-                f"delay {_s(self.delay)} + drain-timeout {_s(self.drain_timeout)} > grace-period "
-                f"{_s(self.grace_period)} - stop-timeout {_s(self.stop_timeout)}: the connection "
-                f"wait is cut to {_s(self.stop_deadline - self.delay)}"
+                f"delay {d(self.delay)} + drain-timeout {d(self.drain_timeout)} > grace-period "
+                f"{d(self.grace_period)} - stop-timeout {d(self.stop_timeout)}: the connection "
+                f"wait is cut to {d(self.stop_deadline - self.delay)}"
             )
         return found
 
     @classmethod
     def of(cls, config: Config) -> Budget:
         return cls(config.grace_period, config.stop_timeout, config.delay, config.drain_timeout)
-
-
-def _s(seconds: float) -> str:
-    return f"{seconds:g}s"

@@ -38,7 +38,6 @@ __all__ = [
     "probe_connection_close",
     "probe_url",
     "redact_url",
-    "validate_down_url",
     "warm_up",
 ]
 
@@ -117,35 +116,6 @@ def down_call_max_s(timeout: float, attempts: int = ATTEMPTS) -> float:
         total += backoff
         backoff = min(backoff * 2, _BACKOFF_MAX_S)
     return attempts * (max(0.0, timeout) + ATTEMPT_MARGIN_S) + total
-
-
-def validate_down_url(url: str) -> str:
-    """Return `url` if the down call can be made to it, else raise ValueError (one line).
-
-    Parsed with urllib, not httpx, because this runs at start-up (see the module docstring).
-    The message shows the URL redacted (redact.py): a bad URL may still hold a password.
-    """
-    if not isinstance(url, str) or not url:
-        raise ValueError("down URL is empty")
-    shown_url = redact_url(url)
-    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
-        raise ValueError(f"down URL {shown_url!r} contains whitespace or control characters")
-    try:
-        parts = urlsplit(url)
-        # .port raises ValueError for a non-numeric port or one outside 0-65535.
-        port = parts.port
-        host = parts.hostname
-    except ValueError as exc:
-        why = str(exc).replace(url, shown_url)
-        raise ValueError(f"down URL {shown_url!r} is not a valid URL: {why}") from None
-    if parts.scheme.lower() not in ("http", "https"):
-        shown = parts.scheme or "none"
-        raise ValueError(f"down URL {shown_url!r} must use http or https (scheme: {shown})")
-    if not host:
-        raise ValueError(f"down URL {shown_url!r} has no host")
-    if port == 0:
-        raise ValueError(f"down URL {shown_url!r} has port 0 (must be 1-65535)")
-    return url
 
 
 def probe_url(down_url: str, probe_path: str = "/") -> str:

@@ -81,14 +81,6 @@ _ALLOWED: dict[Phase, frozenset[Phase]] = {
 GROUP_POLL = 0.05
 AFTER_KILL = 2.0
 
-_REASONS_OK = frozenset({"drained", "no-ports", "child-exited", "forced"})
-
-
-def prestop_exit_code(reason: str) -> int:
-    """prestop's exit code for a drain's reason: 1 only when the deadline left connections."""
-    return exitcodes.OK if reason in _REASONS_OK else exitcodes.PRESTOP_LEFT
-
-
 class Seams:
     """What the drain does to the world, passed in (seams, not monkeypatching).
 
@@ -371,7 +363,7 @@ class Drain:
 
     def prestop_code(self) -> int | None:
         """What `prestop` exits with, once the drain has finished."""
-        return None if self.outcome is None else prestop_exit_code(self.outcome.reason)
+        return None if self.outcome is None else exitcodes.prestop_code(self.outcome.reason)
 
     # ---- the drain -----------------------------------------------------------------------------
 
@@ -576,7 +568,7 @@ class Drain:
             self._cleanup("drain.finished", fields)
         elif not self.supervising:
             self._enter(Phase.DONE, "drain.finished", **fields)
-            self.exit_code = prestop_exit_code(reason)
+            self.exit_code = exitcodes.prestop_code(reason)
         elif self.record.trigger == "prestop" and not self._sigterm_seen and reason != "forced":
             self._enter(Phase.AWAIT_SIGTERM, "drain.finished", **fields)
         else:

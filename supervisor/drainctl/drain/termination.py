@@ -25,6 +25,7 @@ import errno
 import os
 import stat
 
+from drainctl.durations import format_duration
 from drainctl.redact import redact_url
 
 TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (drain/machine.py)
@@ -59,8 +60,9 @@ def summary(drain: Drain, end: float, code: int, code_label: str = "exit") -> st
         if name in _TERMINAL:
             continue
         until = record.phases[i + 1][1] if i + 1 < len(record.phases) else total
-        phases.append(f"{name} {_duration(until - offset)}")
-    lines.append(f"trigger {record.trigger}: " + ", ".join(phases) + f" (total {_duration(total)})")
+        phases.append(f"{name} {format_duration(until - offset)}")
+    lines.append(f"trigger {record.trigger}: " + ", ".join(phases)
+                 + f" (total {format_duration(total)})")
     config = drain.config
     if config.down_url is None:
         lines.append("down: not configured")
@@ -161,9 +163,3 @@ def report(
     problem = write(path, text)
     if problem:
         events.emit("warning", message=problem)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    return f"{seconds:.1f}s"
