@@ -74,6 +74,7 @@ __all__ = [
     "Peer",
     "default_address",
     "encode",
+    "listener_of",
     "peer_of",
     "resolve_address",
     "sockaddr",
@@ -125,6 +126,20 @@ def peer_of(sock: socket.socket) -> Peer:
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     )
     return Peer(pid, uid, gid)
+
+
+def listener_of(address: str) -> Peer | None:
+    """Who listens at `address` (its credentials as of listen(2)), without blocking; None when
+    nothing answers or it cannot be told (a full accept queue)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setblocking(False)
+        sock.connect(sockaddr(address))
+        return peer_of(sock)
+    except OSError:
+        return None
+    finally:
+        sock.close()
 
 
 class Peer:
