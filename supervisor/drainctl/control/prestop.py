@@ -157,10 +157,12 @@ def _join(client: Client, relay: Callable[[dict[str, Any]], None], clock: Callab
     """Raises PrestopError, or Busy when the server has no room for us (try again)."""
     client.send("prestop")
     deadline = [clock() + _ACCEPT_TIMEOUT]
+    accepted = False
     try:
         for message in client.messages(lambda: deadline[0] - clock()):
             kind = message.get("type")
-            if kind == "accepted":
+            if kind == "accepted" and not accepted:  # once: a repeat must not extend the wait
+                accepted = True
                 left = time_left(message.get("time_left_s"), config.grace_period)
                 deadline[0] = clock() + left + _JOIN_MARGIN
             elif kind == "event" and isinstance(message.get("event"), dict):
