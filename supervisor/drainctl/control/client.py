@@ -80,6 +80,9 @@ class Client:
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             self.sock.close()
             raise NoServer(f"no drainctl supervisor answers at {address}") from exc
+        except BlockingIOError as exc:
+            self.sock.close()  # its listen queue stayed full for our whole timeout
+            raise Busy(f"{address}: busy: its queue of waiting clients is full") from exc
         except OSError as exc:
             self.sock.close()
             raise ControlError(f"cannot connect to {address}: {exc.strerror or exc}") from exc

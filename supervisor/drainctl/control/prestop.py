@@ -94,6 +94,9 @@ def prestop(config: Config, events: Events, clock: Callable[[], float] = time.mo
     while True:
         try:
             client = _connect(address, clock)
+        except Busy as exc:
+            _wait_or_give_up(exc, give_up, clock)
+            continue
         except NoServer:
             if pid1_is_supervisor():
                 # Draining here too would run two drains, and the SIGTERM's would start late.
@@ -118,10 +121,15 @@ def prestop(config: Config, events: Events, clock: Callable[[], float] = time.mo
             try:
                 return _join(client, relay, clock, config)
             except Busy as exc:
-                if clock() + BUSY_RETRY >= give_up:
-                    raise PrestopError(f"{exc}; still busy when the hook's budget ran out",
-                                       EXIT_LEFT) from exc
-        time.sleep(BUSY_RETRY)
+                busy = exc
+        _wait_or_give_up(busy, give_up, clock)
+
+
+def _wait_or_give_up(busy: Busy, give_up: float, clock: Callable[[], float]) -> None:
+    if clock() + BUSY_RETRY >= give_up:
+        raise PrestopError(f"{busy}; still busy when the hook's budget ran out",
+                           EXIT_LEFT) from busy
+    time.sleep(BUSY_RETRY)
 
 
 # ---- with a supervisor ----------------------------------------------------------------------

@@ -245,6 +245,8 @@ class Server:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue  # that one client is gone (accept(2)): the next one
                 self._pause_accepting(exc)
                 return
             self._emfile_warned = False  # accepting works again: warn again next time
