@@ -24,7 +24,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
+from drainctl.control.server import parse_request
 from tests.conftest import Proc, Processes, app, inner_pid
 from tests.hooks import container, exec_in, free_port, mnt_ns_address, needs_namespaces
 
@@ -125,6 +128,38 @@ def test_any_bytes_get_an_error_line_and_pid1_goes_on(procs: Processes) -> None:
     assert cpu_over_a_second(pid1) < SPIN_LIMIT
     assert_responsive(procs, pid1)
     assert_drains(procs, sup, pid1)
+
+
+@needs_namespaces
+def test_any_bytes_at_all_get_one_error_line(procs: Processes) -> None:
+    """Hypothesis drives a real PID 1: whatever bytes a client sends, then shutdown(SHUT_WR), it
+    gets exactly one error line, and the supervisor lives on without an `error` event."""
+    port = free_port()
+    sup, pid1 = container(procs, "--delay", "0.2", "--settle", "0.1", port=port)
+    address = mnt_ns_address(pid1)
+
+    @settings(max_examples=60, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(st.binary(max_size=6000) | st.lists(st.sampled_from(
+        [b"{", b"[", b'"v"', b":", b"1", b",", b'"op"', b'"status"', b"}", b"\n", b"\xff",
+         b"NaN", b"1e999", b"0" * 500, b"[" * 1200]), max_size=40).map(b"".join))
+    def attack(payload: bytes) -> None:
+        assume(parse_request(payload.partition(b"\n")[0])[0] is None)  # no real request
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(b"\0" + address[1:].encode())
+            try:
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # answered and closed before reading it all: the answer is still there
+            got = read_lines(sock)
+        assert len(got) == 1 and json.loads(got[0])["type"] == "error", (payload[:100], got)
+
+    attack()
+    assert sup.popen.poll() is None
+    assert "error" not in sup.event_names() and "drain.started" not in sup.event_names()
+    assert_responsive(procs, pid1)
 
 
 @needs_namespaces
