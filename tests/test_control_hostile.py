@@ -486,6 +486,32 @@ def test_a_squatter_of_another_uid_is_named_and_not_trusted(procs: Processes) ->
 
 @needs_namespaces
 @needs_setpriv
+def test_without_a_supervisor_prestop_drains_past_a_squatter(procs: Processes) -> None:
+    """The app is PID 1 (no drainctl run): the hook cannot join anything, so it drains itself,
+    without a channel, and says who holds the name."""
+    python = python_for(NOBODY)
+    if python is None:
+        pytest.skip("no Python interpreter that uid 65534 may run")
+    name = f"drainctl-test-squat2-{os.getpid()}"
+    squatter = procs.start(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
+                            "--clear-groups", python, "-c", SQUATTER, name], cwd="/")
+    squatter.wait_output("listening")
+    port = free_port()
+    _app, pid1 = container(procs, port=port, supervised=False)
+    hook = exec_in(procs, pid1, "prestop", "--control-socket", f"@{name}", "--delay", "0.3",
+                   "--settle", "0.1")
+    assert hook.wait(15) == 0, hook.stderr()
+    events = hook.events()
+    warning = next(e for e in events if e["event"] == "warning")
+    assert warning["holder_uid"] == NOBODY and "without a control channel" in warning["message"]
+    finished = next(e for e in events if e["event"] == "drain.finished")
+    assert finished["reason"] == "drained"
+    names = [e["event"] for e in events]
+    assert names.index("warning") < names.index("drain.started") < names.index("delay.finished")
+
+
+@needs_namespaces
+@needs_setpriv
 def test_root_trusts_a_pid1_supervisor_of_another_uid(procs: Processes) -> None:
     """An image whose USER is 65534 runs drainctl as PID 1 with that uid; `docker exec -u root`
     (or a root hook) still reaches it: PID 1 of the client's PID namespace is trusted."""

@@ -20,7 +20,9 @@ on nothing (a pod with `shareProcessNamespace`, where PID 1 is the pause process
 something listens on in the network namespace.
 
 Standalone mode is never entered when PID 1 is `drainctl run` that does not answer (another
---control-socket?): a second drain would only delay the supervisor's own.
+--control-socket?), or whose socket name is held by a process we do not trust: a second drain
+would only delay the supervisor's own. Without such a PID 1, a name held by a process we do not
+trust leads to a standalone drain without a control channel (with a `warning` naming the holder).
 
 A supervisor that is busy (all its client slots taken) is asked again every BUSY_RETRY within
 the hook's budget. Whatever the server sends is checked before use (client.py): a reply that is
@@ -113,8 +115,16 @@ def prestop(config: Config, events: Events, clock: Callable[[], float] = time.mo
                 return code
             continue  # another prestop bound the address first: join it
         except Untrusted as exc:
-            # Not a supervisor (someone took its name): nothing is drained, say so.
-            raise PrestopError(f"{exc}; no drain was started", EXIT_LEFT) from exc
+            # Not a supervisor: someone took the name. With drainctl as PID 1 its drain starts
+            # with the SIGTERM that follows (draining here too would drain twice); without one,
+            # drain here, with no channel.
+            if pid1_is_supervisor():
+                raise PrestopError(f"{exc}; no drain was started", EXIT_LEFT) from exc
+            events.emit("warning", message=f"{exc}; draining here, without a control channel",
+                        holder_uid=exc.peer.uid, holder_pid=exc.peer.pid)
+            code = _standalone(config, events, address, clock, serve=False)
+            assert code is not None
+            return code
         except ControlError as exc:
             raise PrestopError(str(exc), EXIT_USAGE) from exc
         with client:
@@ -245,9 +255,10 @@ def auto_ports() -> list[int]:
 
 
 def _standalone(
-    config: Config, events: Events, address: str, clock: Callable[[], float]
+    config: Config, events: Events, address: str, clock: Callable[[], float], serve: bool = True
 ) -> int | None:
-    """Run the drain here. None: another prestop took the address first (join it instead)."""
+    """Run the drain here. None: another prestop took the address first (join it instead).
+    `serve` False: no control channel (its name is held by a process we do not trust)."""
     # Imported here: the join path (the usual one) starts faster without them.
     from drainctl.control.server import Server, Target
     from drainctl.drain import termination
@@ -261,7 +272,7 @@ def _standalone(
     target = Target(drain=drain, mode="standalone", started_at=clock(), app_pid=lambda: None)
     server: Server | None
     try:
-        server = Server.open(address, target, events, loop)
+        server = Server.open(address, target, events, loop) if serve else None
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             loop.close()
