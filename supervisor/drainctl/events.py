@@ -118,8 +118,15 @@ class Events:
 
     def relay(self, record: dict[str, Any]) -> None:
         """Write an event logged elsewhere (a supervisor's, for prestop) as this output would."""
-        if "ts" in record and "event" in record:
-            self.write_line(self._format(record))
+        if "ts" not in record or "event" not in record:
+            return
+        for format_ in (self._format, format_json):
+            try:
+                line = format_(record)
+            except Exception:  # a record of odd types (a string ts...): try JSON, else skip
+                continue
+            self.write_line(line)
+            return
 
     def start_writer(self) -> bool:
         """Write from a thread from now on (call after the app is spawned). False: no thread."""

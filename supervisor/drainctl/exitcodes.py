@@ -84,9 +84,12 @@ TABLE: tuple[tuple[str, str, str], ...] = (
      "went away, or PID 1 is a supervisor that does not answer)"),
     (f"`{EXIT_USAGE}`", "prestop, status",
      "also: refused by the supervisor (another uid) or a protocol version it does not speak"),
-    (f"`{EXIT_NO_SUPERVISOR}`", "status", "no supervisor answers (or it refused)"),
+    (f"`{EXIT_NO_SUPERVISOR}`", "status",
+     "no supervisor answers (or it refused, stayed busy, answered nonsense, or the socket is held "
+     "by a process `status` does not trust)"),
     (f"`{EXIT_OK}` / `{EXIT_BROKEN}`", "check",
-     "`0` workable; `1` the budget cannot fit, or the down URL's host:port refuses connections"),
+     "`0` workable; `1` the budget cannot fit, the down URL's host:port refuses connections, or "
+     "the control socket is held by a process `prestop` would not trust"),
     (f"`{EXIT_FAILED}`", "connections", "the connections cannot be counted here"),
     (f"`{EXIT_OK}` / `{EXIT_FAILED}`", "demo",
      "`0` the figures show the incident and the fix; `1` they do not, or the demo could not run"),

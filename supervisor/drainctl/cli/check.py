@@ -61,6 +61,11 @@ def check(config: Config, given: Mapping[str, RawValue], out: TextIO | None = No
     status: dict[str, object] | None = None
     try:
         status = control.request_status(address, timeout=3.0)
+    except control.Untrusted as exc:
+        # Someone else holds the supervisor's name: prestop would refuse it and drain nothing.
+        problems.append(str(exc))
+        line("supervisor", f"none we trust at {address}")
+        line("  PROBLEM", str(exc))
     except (control.ControlError, TimeoutError) as exc:
         why = "nothing listens" if isinstance(exc, control.NoServer) else str(exc)
         line("supervisor", f"none at {address} ({why}): prestop would run the drain itself")
@@ -104,7 +109,8 @@ def check(config: Config, given: Mapping[str, RawValue], out: TextIO | None = No
 def _auto_ports(status: Mapping[str, object] | None) -> tuple[list[int], str]:
     ports = status.get("ports") if status is not None else None
     if isinstance(ports, list):
-        return [int(p) for p in ports], "what the supervisor's app listens on"
+        valid = [p for p in ports if type(p) is int and 0 < p < 65536]
+        return valid, "what the supervisor's app listens on"
     from drainctl.control.prestop import auto_ports
 
     try:

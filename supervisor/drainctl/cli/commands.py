@@ -100,7 +100,12 @@ def status(raw: Mapping[str, RawValue], as_json: bool = False) -> int:
     except control.ControlError as exc:
         return fail(f"status: {exc}", EXIT_NO_SUPERVISOR)
     fields = {k: v for k, v in answer.items() if k not in ("v", "type")}
-    _print(json.dumps(fields) if as_json else report.status_text(fields))
+    try:
+        text = json.dumps(fields) if as_json else report.status_text(fields)
+    except (ValueError, TypeError, RecursionError, OverflowError) as exc:
+        return fail(f"status: {address}: a reply that cannot be shown ({exc})",
+                    EXIT_NO_SUPERVISOR)
+    _print(text)
     return EXIT_OK
 
 

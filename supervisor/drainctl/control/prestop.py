@@ -20,26 +20,35 @@ on nothing (a pod with `shareProcessNamespace`, where PID 1 is the pause process
 something listens on in the network namespace.
 
 Standalone mode is never entered when PID 1 is `drainctl run` that does not answer (another
---control-socket?): a second drain would only delay the supervisor's own.
+--control-socket?), or whose socket name is held by a process we do not trust: a second drain
+would only delay the supervisor's own. Without such a PID 1, a name held by a process we do not
+trust leads to a standalone drain without a control channel (with a `warning` naming the holder).
+
+A supervisor that is busy (all its client slots taken) is asked again every BUSY_RETRY within
+the hook's budget. Whatever the server sends is checked before use (client.py): a reply that is
+broken, absurd or endless ends the hook with one line and exit 1, bounded by deadlines.
 
 Exit codes: 0 the drain ended with nothing left to wait for (drained, no-ports, child-exited,
 forced); 1 the deadline came with connections left, or no drain could be confirmed (the
-supervisor went away, or PID 1 is a supervisor that does not answer); 2 bad usage (including a
-supervisor that refuses us: wrong uid, another protocol version).
+supervisor went away, is still busy when the budget ran out, or answers nonsense; PID 1 is a
+supervisor that does not answer; the socket is held by a process we do not trust); 2 bad usage
+(including a supervisor that refuses us: wrong uid, another protocol version).
 """
 
 from __future__ import annotations
 
 import errno
 import itertools
+import math
 import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 from drainctl import exitcodes
-from drainctl.control.client import Client
+from drainctl.control.client import BUSY_RETRY, Busy, Client, Untrusted, error_of
 from drainctl.control.protocol import ControlError, NoServer, resolve_address
+from drainctl.drain.budget import Budget
 from drainctl.events import Events
 from drainctl.options import Config
 
@@ -50,6 +59,7 @@ __all__ = [
     "auto_ports",
     "pid1_is_supervisor",
     "prestop",
+    "time_left",
 ]
 
 from drainctl.exitcodes import EXIT_LEFT, EXIT_USAGE
@@ -65,6 +75,12 @@ _MAX_SLEEP = 1.0
 _LINGER = 0.5
 # How long to retry connecting when PID 1 is a supervisor that does not listen yet.
 _STARTUP_GRACE = 1.0
+# A busy supervisor is asked again for the hook's budget (grace-period - stop-timeout), at least
+# this long.
+_BUSY_MIN = 1.0
+# The longest a joined prestop waits on the supervisor's word (its `time_left_s`): past any
+# sensible grace period; the kubelet kills the hook at the grace period anyway.
+_TIME_LEFT_MAX = 24 * 3600.0
 
 
 class PrestopError(Exception):
@@ -79,9 +95,15 @@ def prestop(config: Config, events: Events, clock: Callable[[], float] = time.mo
     """Join the supervisor's drain, or run one standalone. Raises PrestopError."""
     address = resolve_address(config.control_socket)
     relay = events.relay
-    for _attempt in range(2):
+    # A busy supervisor (all its client slots taken) is asked again within the hook's own budget.
+    give_up = clock() + max(_BUSY_MIN, Budget.of(config).stop_deadline)
+    standalone_tries = 0
+    while True:
         try:
             client = _connect(address, clock)
+        except Busy as exc:
+            _wait_or_give_up(exc, give_up, clock)
+            continue
         except NoServer:
             if pid1_is_supervisor():
                 # Draining here too would run two drains, and the SIGTERM's would start late.
@@ -89,15 +111,40 @@ def prestop(config: Config, events: Events, clock: Callable[[], float] = time.mo
                     f"PID 1 is a drainctl supervisor but nothing answers at {address} (is it "
                     "given another --control-socket?): not draining twice; the SIGTERM that "
                     "follows starts its drain", EXIT_LEFT) from None
+            standalone_tries += 1
+            if standalone_tries > 2:
+                raise PrestopError(f"{address}: neither joined nor started a drain",
+                                   EXIT_LEFT) from None
             code = _standalone(config, events, address, clock)
             if code is not None:
                 return code
             continue  # another prestop bound the address first: join it
+        except Untrusted as exc:
+            # Not a supervisor: someone took the name. With drainctl as PID 1 its drain starts
+            # with the SIGTERM that follows (draining here too would drain twice); without one,
+            # drain here, with no channel.
+            if pid1_is_supervisor():
+                raise PrestopError(f"{exc}; no drain was started", EXIT_LEFT) from exc
+            events.emit("warning", message=f"{exc}; draining here, without a control channel",
+                        holder_uid=exc.peer.uid, holder_pid=exc.peer.pid)
+            code = _standalone(config, events, address, clock, serve=False)
+            assert code is not None
+            return code
         except ControlError as exc:
             raise PrestopError(str(exc), EXIT_USAGE) from exc
         with client:
-            return _join(client, relay, clock)
-    raise PrestopError(f"{address}: neither joined nor started a drain", EXIT_LEFT)
+            try:
+                return _join(client, relay, clock, config)
+            except Busy as exc:
+                busy = exc
+        _wait_or_give_up(busy, give_up, clock)
+
+
+def _wait_or_give_up(busy: Busy, give_up: float, clock: Callable[[], float]) -> None:
+    if clock() + BUSY_RETRY >= give_up:
+        raise PrestopError(f"{busy}; still busy when the hook's budget ran out",
+                           EXIT_LEFT) from busy
+    time.sleep(BUSY_RETRY)
 
 
 # ---- with a supervisor ----------------------------------------------------------------------
@@ -128,35 +175,51 @@ def pid1_is_supervisor() -> bool:
                for arg, following in itertools.pairwise(argv))
 
 
-def _join(
-    client: Client, relay: Callable[[dict[str, Any]], None], clock: Callable[[], float]
-) -> int:
+def _join(client: Client, relay: Callable[[dict[str, Any]], None], clock: Callable[[], float],
+          config: Config) -> int:
+    """Raises PrestopError, or Busy when the server has no room for us (try again)."""
     client.send("prestop")
     deadline = [clock() + _ACCEPT_TIMEOUT]
+    accepted = False
     try:
-        for message in client.messages(lambda: max(0.001, deadline[0] - clock())):
+        for message in client.messages(lambda: deadline[0] - clock()):
             kind = message.get("type")
-            if kind == "accepted":
-                left = message.get("time_left_s")
-                deadline[0] = clock() + (left if isinstance(left, int | float) else 0.0) + (
-                    _JOIN_MARGIN
-                )
+            if kind == "accepted" and not accepted:  # once: a repeat must not extend the wait
+                accepted = True
+                left = time_left(message.get("time_left_s"), config.grace_period)
+                deadline[0] = clock() + left + _JOIN_MARGIN
             elif kind == "event" and isinstance(message.get("event"), dict):
                 relay(message["event"])
             elif kind == "result":
                 code = message.get("code")
-                if isinstance(code, int):
+                if type(code) is int and code in (exitcodes.OK, EXIT_LEFT):
                     return code
-                return exitcodes.prestop_code(str(message.get("reason")))
+                reason = message.get("reason")
+                return exitcodes.prestop_code(reason if isinstance(reason, str) else "")
             elif kind == "error":
-                raise PrestopError(f"{client.address}: {message.get('error')}", EXIT_USAGE)
+                error = error_of(message, client.address)
+                if isinstance(error, Busy):
+                    raise error
+                raise PrestopError(str(error), EXIT_USAGE)
     except TimeoutError:
         raise PrestopError(f"{client.address}: no result from the supervisor in time",
                            EXIT_LEFT) from None
+    except Busy:
+        raise
     except ControlError as exc:
         raise PrestopError(str(exc), EXIT_LEFT) from exc
     raise PrestopError(f"{client.address}: the supervisor closed the channel before the drain "
                        "finished", EXIT_LEFT)
+
+
+def time_left(value: object, unknown: float) -> float:
+    """The supervisor's `time_left_s`, made safe to wait on: a number in [0, _TIME_LEFT_MAX];
+    `unknown` (the hook's own grace period) for anything else (null, a string, NaN, infinity)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return min(unknown, _TIME_LEFT_MAX)
+    if isinstance(value, float) and not math.isfinite(value):
+        return min(unknown, _TIME_LEFT_MAX)
+    return float(min(max(value, 0), _TIME_LEFT_MAX))
 
 
 # ---- without one ----------------------------------------------------------------------------
@@ -174,9 +237,10 @@ def auto_ports() -> list[int]:
 
 
 def _standalone(
-    config: Config, events: Events, address: str, clock: Callable[[], float]
+    config: Config, events: Events, address: str, clock: Callable[[], float], serve: bool = True
 ) -> int | None:
-    """Run the drain here. None: another prestop took the address first (join it instead)."""
+    """Run the drain here. None: another prestop took the address first (join it instead).
+    `serve` False: no control channel (its name is held by a process we do not trust)."""
     # Imported here: the join path (the usual one) starts faster without them.
     from drainctl.control.server import Server, Target
     from drainctl.drain import termination
@@ -190,7 +254,7 @@ def _standalone(
     target = Target(drain=drain, mode="standalone", started_at=clock(), app_pid=lambda: None)
     server: Server | None
     try:
-        server = Server.open(address, target, events, loop)
+        server = Server.open(address, target, events, loop) if serve else None
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             loop.close()

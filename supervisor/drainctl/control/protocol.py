@@ -21,9 +21,11 @@ Where it listens
 
 Who may talk
     Only a peer whose uid (SO_PEERCRED, unix(7)) is root or the supervisor's own uid; anyone else
-    gets one error line and is logged as `control.refused`. The client checks the server the same
-    way (it must run as root or as the client's uid, unless the client is root), so a process of
-    another user squatting the abstract name cannot answer for the supervisor.
+    gets one error line and is logged as `control.refused`. The client, whatever its uid, talks
+    only to a server it would have started: one running as root, as the client's uid, or PID 1 of
+    the client's PID namespace (client.trusted), so a process of another user squatting the
+    abstract name cannot answer for the supervisor; the supervisor names such a holder in its
+    start-up warning (listener_of).
 
 The protocol (version 1): JSON lines
     One request per connection. Every message is one JSON object on one line (UTF-8, ending in
@@ -48,7 +50,9 @@ The server never blocks the supervisor's loop: the listening socket and every cl
 non-blocking and watched by the loop's selector; output is buffered per client and sent as the
 socket takes it. A client is dropped when its request is not complete within 5 s (silent or slow),
 is longer than 4096 bytes or is not a request (garbage), when it leaves more than 256 KiB of
-output unread, or when 32 clients are already connected.
+output unread, or when 32 clients are already connected (``"busy": true`` in its error: clients
+retry). Whatever bytes come in, the answer is an error line or a close (server.parse_request never
+raises); whatever comes back, a client ends with a ControlError or TimeoutError (client.py).
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ __all__ = [
     "Peer",
     "default_address",
     "encode",
+    "listener_of",
     "peer_of",
     "resolve_address",
     "sockaddr",
@@ -125,6 +130,20 @@ def peer_of(sock: socket.socket) -> Peer:
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     )
     return Peer(pid, uid, gid)
+
+
+def listener_of(address: str) -> Peer | None:
+    """Who listens at `address` (its credentials as of listen(2)), without blocking; None when
+    nothing answers or it cannot be told (a full accept queue)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setblocking(False)
+        sock.connect(sockaddr(address))
+        return peer_of(sock)
+    except OSError:
+        return None
+    finally:
+        sock.close()
 
 
 class Peer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 
@@ -14,6 +15,8 @@ if TYPE_CHECKING:
     from drainctl.drain.connections import Counts
 
 __all__ = ["connections_json", "connections_line", "connections_table", "status_text"]
+
+_DURATION_MAX = 10 * 365 * 86400.0  # past this a duration is nonsense: shown as "-"
 
 
 def status_text(fields: Mapping[str, Any]) -> str:
@@ -42,7 +45,8 @@ def status_text(fields: Mapping[str, Any]) -> str:
     if isinstance(connections, Mapping):
         if connections:
             per_port = ", ".join(
-                f"{port}: {each.get('established')}" for port, each in connections.items()
+                f"{port}: {each.get('established') if isinstance(each, Mapping) else '?'}"
+                for port, each in connections.items()
             )
             rows.append(("connections", f"{fields.get('established')} established ({per_port})"))
         else:
@@ -88,9 +92,15 @@ def connections_line(ports: Mapping[str, Mapping[str, int]], now: float | None =
 
 def _duration(value: object) -> str:
     """A duration from a status reply, which may be anything: "-" when it is not a number."""
-    if not isinstance(value, int | float) or isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return "-"
-    return format_duration(float(value))
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int past float's range
+        return "-"
+    if not math.isfinite(seconds) or abs(seconds) > _DURATION_MAX:
+        return "-"
+    return format_duration(seconds)
 
 
 def connections_json(counts: Counts, with_idle: bool = False) -> dict[str, dict[str, int]]:

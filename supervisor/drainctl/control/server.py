@@ -14,6 +14,7 @@ import errno
 import functools
 import json
 import os
+import select
 import socket
 import stat
 
@@ -26,6 +27,7 @@ from drainctl.control.protocol import (
     REQUEST_TIMEOUT,
     Peer,
     encode,
+    listener_of,
     peer_of,
     resolve_address,
     sockaddr,
@@ -43,7 +45,7 @@ if TYPE_CHECKING:
     from drainctl.pid1.loop import Loop
     from drainctl.pid1.supervisor import Supervisor
 
-__all__ = ["Server", "Target", "serve_supervisor", "status_reply"]
+__all__ = ["Server", "Target", "parse_request", "serve_supervisor", "status_reply"]
 
 _FLUSH_POLL = 0.05  # how soon to retry sending while output is pending (no write-readiness)
 _ACCEPT_BATCH = 16  # connections accepted per wake-up, so a flood cannot starve the loop
@@ -52,6 +54,10 @@ _ACCEPT_BATCH = 16  # connections accepted per wake-up, so a flood cannot starve
 _LISTEN_BACKLOG = 128
 _BACKLOG_MAX = 200  # events kept for replay to a prestop that joins late
 _REFUSED_LOG_INTERVAL = 1.0  # at most one control.refused event per second
+# Out of file descriptors (EMFILE) while accepting: the listening socket stays readable with the
+# client still queued, so the loop would wake at once, again and again. Stop watching it this long.
+_ACCEPT_PAUSE = 0.25
+_ERRORS_LOGGED = 5  # unexpected exceptions logged as `error` events; the rest are counted
 
 
 class Target:
@@ -92,7 +98,7 @@ def status_reply(target: Target, counts: Counts | Exception | None, now: float) 
 class _Conn:
     """One client: its socket, what it sent, what waits to be sent, where it stands."""
 
-    __slots__ = ("closed", "deadline", "fd", "inbuf", "outbuf", "peer", "sock", "state")
+    __slots__ = ("closed", "deadline", "eof", "fd", "inbuf", "outbuf", "peer", "sock", "state")
 
     def __init__(self, sock: socket.socket, peer: Peer, deadline: float) -> None:
         self.sock = sock
@@ -104,6 +110,7 @@ class _Conn:
         # request -> (waiting: a status count is running | streaming: prestop) -> closing
         self.state = "request"
         self.closed = False
+        self.eof = False  # the client shut down its side (or left): no longer watched for reading
 
 
 class Server:
@@ -137,6 +144,9 @@ class Server:
         self._refused_unlogged = 0
         self._path_ino: int | None = None
         self._uid = os.geteuid()
+        self._accept_paused_until: float | None = None  # out of descriptors: see _ACCEPT_PAUSE
+        self._emfile_warned = False
+        self._errors = 0
         if not address.startswith("@"):
             self._path_ino = os.stat(address).st_ino
         sock.setblocking(False)
@@ -187,16 +197,32 @@ class Server:
         times = [c.deadline for c in self._conns.values() if c.state in ("request", "closing")]
         if any(c.outbuf for c in self._conns.values()):
             times.append(self._clock() + _FLUSH_POLL)
+        if self._accept_paused_until is not None:
+            times.append(self._accept_paused_until)
         return min(times) if times else None
 
     def tick(self) -> None:
+        try:
+            self._tick()
+        except Exception as exc:
+            self._unexpected(exc, None)
+
+    def _tick(self) -> None:
         now = self._clock()
+        if self._accept_paused_until is not None and now >= self._accept_paused_until:
+            self._accept_paused_until = None
+            self._register(self.sock.fileno(), self._accept)
         drain = self.drain
         for conn in list(self._conns.values()):
+            if conn.closed:
+                continue
             if conn.state == "streaming" and drain.outcome is not None:
                 self._send_result(conn)
             if conn.state in ("request", "closing") and now >= conn.deadline:
                 self._drop(conn)  # silent, slow, or not reading its last lines
+                continue
+            if conn.eof and _hung_up(conn.sock):
+                self._drop(conn)  # half-closed earlier, gone now: nobody reads its lines
                 continue
             self._flush(conn)
 
@@ -207,17 +233,25 @@ class Server:
     # ---- accepting ----------------------------------------------------------------------------
 
     def _accept(self) -> None:
+        try:
+            self._accept_batch()
+        except Exception as exc:
+            self._unexpected(exc, None)
+
+    def _accept_batch(self) -> None:
         for _ in range(_ACCEPT_BATCH):
             try:
                 sock, _addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    return  # out of descriptors: the client waits in the backlog, we go on
-                raise
-            sock.setblocking(False)
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue  # that one client is gone (accept(2)): the next one
+                self._pause_accepting(exc)
+                return
+            self._emfile_warned = False  # accepting works again: warn again next time
             try:
+                sock.setblocking(False)
                 peer = peer_of(sock)
             except OSError:
                 sock.close()
@@ -227,12 +261,45 @@ class Server:
                 continue
             if len(self._conns) >= MAX_CLIENTS:
                 _send_now(sock, {"v": PROTOCOL_VERSION, "type": "error",
-                                 "error": f"busy: {MAX_CLIENTS} clients already connected"})
+                                 "error": f"busy: {MAX_CLIENTS} clients already connected",
+                                 "busy": True})
                 sock.close()
                 continue
             conn = _Conn(sock, peer, self._clock() + REQUEST_TIMEOUT)
             self._conns[conn.fd] = conn
             self._register(conn.fd, functools.partial(self._readable, conn))
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        """accept() failed (EMFILE, ENFILE, ENOBUFS, ENOMEM...): the client stays queued and the
+        listening socket readable, so stop watching it for _ACCEPT_PAUSE instead of spinning."""
+        if self._accept_paused_until is None:
+            try:
+                self._unregister(self.sock.fileno())
+            except (KeyError, ValueError):
+                pass
+        self._accept_paused_until = self._clock() + _ACCEPT_PAUSE
+        if not self._emfile_warned:
+            self._emfile_warned = True
+            name = errno.errorcode.get(exc.errno or 0, "error")
+            self.events.emit("warning", message=(
+                f"control socket {self.address}: cannot accept clients ({name}: "
+                f"{exc.strerror or exc}); retrying every {_ACCEPT_PAUSE}s, clients wait in the "
+                "queue meanwhile"))
+
+    def _unexpected(self, exc: Exception, conn: _Conn | None) -> None:
+        """A bug of ours, or a case we did not foresee: log it (a few times), drop the client
+        involved, and go on; the supervisor's loop must never see it."""
+        self._errors += 1
+        if self._errors <= _ERRORS_LOGGED:
+            self.events.emit("error", where="control", type=type(exc).__name__,
+                             message=str(exc)[:200],
+                             **({"more": "further errors are not logged"}
+                                if self._errors == _ERRORS_LOGGED else {}))
+        if conn is not None:
+            try:
+                self._drop(conn)
+            except Exception:
+                pass
 
     def _refuse(self, sock: socket.socket, peer: Peer) -> None:
         _send_now(sock, {"v": PROTOCOL_VERSION, "type": "error",
@@ -257,6 +324,12 @@ class Server:
         if conn.closed:
             return  # its fd number was reused in the same wake-up
         try:
+            self._read(conn)
+        except Exception as exc:
+            self._unexpected(exc, conn)
+
+    def _read(self, conn: _Conn) -> None:
+        try:
             data = conn.sock.recv(MAX_REQUEST)
         except (BlockingIOError, InterruptedError):
             return
@@ -264,7 +337,7 @@ class Server:
             self._drop(conn)
             return
         if not data:
-            self._drop(conn)  # the client left (a prestop killed by the kubelet, ^C...)
+            self._end_of_input(conn)
             return
         if conn.state != "request":
             return  # one request per connection: anything more is ignored
@@ -276,26 +349,28 @@ class Server:
             return
         self._handle(conn, line)
 
-    def _handle(self, conn: _Conn, line: bytes) -> None:
+    def _end_of_input(self, conn: _Conn) -> None:
+        """The client will send nothing more: it left, or it shut down its side (shutdown(2),
+        SHUT_WR) and still reads. The end of input stays readable: stop watching it."""
+        conn.eof = True
         try:
-            request = json.loads(line)
-        except ValueError:
-            self._error(conn, "not a JSON request")
-            return
-        if not isinstance(request, dict):
-            self._error(conn, "not a JSON object")
-            return
-        if request.get("v") != PROTOCOL_VERSION:
-            self._error(conn, f"unsupported protocol version {request.get('v')!r} "
-                              f"(this is drainctl protocol {PROTOCOL_VERSION})")
-            return
-        op = request.get("op")
+            self._unregister(conn.fd)
+        except (KeyError, ValueError):
+            pass
+        if _hung_up(conn.sock):
+            self._drop(conn)  # gone (a prestop killed by the kubelet, ^C...): nobody reads
+        elif conn.state == "request":
+            self._error(conn, "incomplete request: the input ended before a newline"
+                        if conn.inbuf else "no request: the input ended")
+
+    def _handle(self, conn: _Conn, line: bytes) -> None:
+        op, error = parse_request(line)
         if op == "status":
             self._status(conn)
         elif op == "prestop":
             self._prestop(conn)
         else:
-            self._error(conn, f"unknown op {op!r} (status, prestop)")
+            self._error(conn, error)
 
     # ---- serving ------------------------------------------------------------------------------
 
@@ -313,7 +388,11 @@ class Server:
         def done(result: Counts | Exception) -> None:
             if conn.closed:
                 return
-            self._reply(conn, {"type": "status", **status_reply(target, result, self._clock())})
+            try:
+                self._reply(conn, {"type": "status",
+                                   **status_reply(target, result, self._clock())})
+            except Exception as exc:
+                self._unexpected(exc, conn)
 
         self._loop.runner_for("server").submit(work, done)
 
@@ -341,6 +420,12 @@ class Server:
 
     def _on_event(self, record: dict[str, Any]) -> None:
         """Every logged event: remembered once a drain has started, streamed to prestops."""
+        try:
+            self._remember_and_stream(record)
+        except Exception as exc:
+            self._unexpected(exc, None)
+
+    def _remember_and_stream(self, record: dict[str, Any]) -> None:
         if record.get("event") == "drain.started":
             self._backlog = []
         if self._backlog is None:
@@ -405,6 +490,48 @@ class Server:
         conn.sock.close()
 
 
+def parse_request(line: bytes) -> tuple[str | None, str]:
+    """(op, "") for a valid request line, op "status" or "prestop"; (None, the error to answer).
+
+    Never raises, whatever the bytes: invalid UTF-8, nesting deep enough to exhaust the parser's
+    recursion (RecursionError, not a ValueError), numbers past int()'s digit limit.
+    """
+    try:
+        request = json.loads(line)
+    except (ValueError, RecursionError):
+        return None, "not a JSON request"
+    if not isinstance(request, dict):
+        return None, "not a JSON object"
+    version = request.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:  # not true, 1.0 nor "1"
+        return None, (f"unsupported protocol version {_short(version)} "
+                      f"(this is drainctl protocol {PROTOCOL_VERSION})")
+    op = request.get("op")
+    if op == "status" or op == "prestop":
+        return op, ""
+    return None, f"unknown op {_short(op)} (status, prestop)"
+
+
+def _short(value: object) -> str:
+    """A value from a request, for an error line: bounded, whatever it is."""
+    try:
+        text = json.dumps(value)
+    except (ValueError, TypeError, RecursionError):
+        text = "?"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the peer closed its socket (POLLHUP), not just shut down its sending side: for a
+    Unix stream socket the kernel reports HUP only once both directions are shut (unix(7))."""
+    poller = select.poll()
+    try:
+        poller.register(sock.fileno(), select.POLLIN)
+        return any(mask & (select.POLLHUP | select.POLLERR) for _fd, mask in poller.poll(0))
+    except (OSError, ValueError):
+        return True
+
+
 def _send_now(sock: socket.socket, message: dict[str, Any]) -> None:
     """One line to a client we are about to close, if its buffer takes it at once."""
     try:
@@ -442,11 +569,23 @@ def serve_supervisor(supervisor: Supervisor) -> Server | None:
     try:
         return Server.open(address, target, supervisor.events, supervisor.loop)
     except OSError as exc:
+        fields: dict[str, Any] = {}
         if exc.errno == errno.EADDRINUSE:
-            why = ("another drainctl already listens there (two supervisors in one mount "
-                   "namespace?): give this one its own --control-socket")
+            holder = listener_of(address)
+            if holder is None:
+                why = ("another process already listens there (two supervisors in one mount "
+                       "namespace?): give this one its own --control-socket")
+            else:
+                fields = {"holder_uid": holder.uid, "holder_pid": holder.pid}
+                who = f"uid {holder.uid}, pid {holder.pid or 'outside this PID namespace'}"
+                if holder.uid in (0, os.geteuid()):
+                    why = (f"another drainctl already listens there ({who}; two supervisors in "
+                           "one mount namespace?): give this one its own --control-socket")
+                else:
+                    why = (f"taken by a process of another user ({who}), not by a drainctl of "
+                           "ours: prestop and status will refuse to talk to it")
         else:
             why = exc.strerror or str(exc)
         supervisor.events.emit("warning", message=f"control socket {address}: {why}; "
-                               "prestop and status cannot reach this supervisor")
+                               "prestop and status cannot reach this supervisor", **fields)
         return None
