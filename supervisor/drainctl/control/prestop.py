@@ -192,7 +192,7 @@ def _join(client: Client, relay: Callable[[dict[str, Any]], None], clock: Callab
                 relay(message["event"])
             elif kind == "result":
                 code = message.get("code")
-                if type(code) is int and code in (exitcodes.OK, EXIT_LEFT):
+                if type(code) is int and code in (exitcodes.EXIT_OK, EXIT_LEFT):
                     return code
                 reason = message.get("reason")
                 return exitcodes.prestop_code(reason if isinstance(reason, str) else "")
