@@ -606,16 +606,16 @@ def test_strided_and_walked_tallies_agree() -> None:
     buf = bytearray(chunk)
 
     def fresh() -> dict[int, list[int]]:
-        return {8080: [0, 0, 0, 0], 8443: [0, 0, 0, 0]}  # 9999 not requested: ignored
+        return {8080: [0, 0, 0, 0, 0], 8443: [0, 0, 0, 0, 0]}  # 9999 not requested: ignored
 
-    strided, walked, one_port = fresh(), fresh(), {8080: [0, 0, 0, 0]}
+    strided, walked, one_port = fresh(), fresh(), {8080: [0, 0, 0, 0, 0]}
     conn._tally_strided(buf, 0, len(chunk), 124, strided)
     conn._tally(buf, 0, len(chunk), walked)
     only_8080 = b"".join(reply(s, 8080) for s in states)
     conn._tally_strided(bytearray(only_8080), 0, len(only_8080), 124, one_port)
 
-    assert strided == walked == {8080: [3, 2, 1, 0], 8443: [2, 0, 1, 0]}
-    assert one_port == {8080: [6, 2, 2, 0]}
+    assert strided == walked == {8080: [3, 2, 1, 0, 0], 8443: [2, 0, 1, 0, 0]}
+    assert one_port == {8080: [6, 2, 2, 0, 0]}
 
 
 # --- pure logic: /proc/net/tcp ---------------------------------------------------------------
@@ -632,25 +632,25 @@ PROC_TCP = b"""\
 
 
 def test_proc_lines_tally_by_local_port_and_state() -> None:
-    tallies = {8080: [0, 0, 0, 0], 443: [0, 0, 0, 0], 50000: [0, 0, 0, 0], 22: [0, 0, 0, 0]}
+    tallies = {8080: [0] * 5, 443: [0] * 5, 50000: [0] * 5, 22: [0] * 5}
     conn._tally_proc_lines(PROC_TCP.splitlines(), tallies)
     # 8080 (1F90): one established, one close_wait, one time_wait; LISTEN not counted.
     # 50000 (C350) is the client end of line 1: established on its own local port.
     # Line 10000 shows the sl column growing past its width: still parsed.
     assert tallies == {
-        8080: [1, 1, 1, 0],
-        443: [1, 0, 0, 0],
-        50000: [1, 0, 0, 0],
-        22: [0, 0, 0, 0],
+        8080: [1, 1, 1, 0, 0],
+        443: [1, 0, 0, 0, 0],
+        50000: [1, 0, 0, 0, 0],
+        22: [0, 0, 0, 0, 0],
     }
 
 
 def test_proc_lines_repeated_by_a_resumed_read_count_once() -> None:
     lines = PROC_TCP.splitlines()
     repeated = [*lines[:3], lines[1].replace(b"   1:", b"  27:"), *lines[3:]]
-    tallies = {8080: [0, 0, 0, 0]}
+    tallies = {8080: [0] * 5}
     conn._tally_proc_lines(repeated, tallies)
-    assert tallies == {8080: [1, 1, 1, 0]}
+    assert tallies == {8080: [1, 1, 1, 0, 0]}
 
 
 def test_proc_lines_listeners() -> None:
