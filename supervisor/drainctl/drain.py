@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from drainctl.config import Config
     from drainctl.connections import Counts
+    from drainctl.discovery import Discovery
     from drainctl.downcall import DownResult, ProbeResult
     from drainctl.events import Events
 
@@ -83,7 +84,8 @@ class Seams:
         clock: Callable[[], float],
         runner: Runner,
         count: Callable[[Sequence[int], float | None], Counts],
-        lookup_ports: Callable[[], list[int]],  # the app tree's listening ports (auto mode)
+        # the app's listening ports (auto mode); a Discovery also says how they were found
+        lookup_ports: Callable[[], list[int] | Discovery],
         call_down: Callable[[float], DownResult] | None = None,  # arg: deadline on clock
         probe: Callable[[], ProbeResult] | None = None,
         stop: Callable[[], None] | None = None,  # sends the stop signal; None: standalone
@@ -126,6 +128,8 @@ class _Wait:
         self.zero_since: float | None = None
         self.last_event_at: float | None = None
         self.last_event_key: tuple[int, ...] | None = None
+        self.warned = False  # a lookup's guess is logged once per drain
+        self.detail: str | None = None  # why the lookup found no ports
 
 
 class _Record:
@@ -367,6 +371,8 @@ class Drain:
             close_wait = sum(c.close_wait for c in result.ports.values())
             if close_wait:
                 fields["close_wait"] = close_wait
+            if result.close_wait_busy:
+                fields["close_wait_busy"] = result.close_wait_busy
             self.events.emit("connections", **fields)
         if result.holding == 0:
             if wait.zero_since is None:
@@ -381,13 +387,19 @@ class Drain:
         wait.lookup_pending = True
         self.seams.runner.submit(self.seams.lookup_ports, self._ports_found)
 
-    def _ports_found(self, result: list[int] | Exception) -> None:
+    def _ports_found(self, result: list[int] | Discovery | Exception) -> None:
         wait = self._wait
         wait.lookup_pending = False
         wait.lookups += 1
         if isinstance(result, Exception):
             self.events.emit("connections.error", error=f"port lookup: {result}")
             result = []
+        elif not isinstance(result, list):  # a Discovery: the ports and how they were found
+            if result.warning and not wait.warned:
+                wait.warned = True
+                self.events.emit("warning", message=result.warning)
+            wait.detail = result.detail
+            result = result.ports
         wait.ports = sorted(result)
         if self.phase is Phase.WAITING:
             if not wait.ports and wait.lookups < 2:
@@ -411,20 +423,20 @@ class Drain:
         if reason == "no-ports":
             count = 0
         self.outcome = Outcome(reason, count, self._elapsed(now))
+        fields: dict[str, Any] = {"reason": reason, "count": count,
+                                  "elapsed_s": self.outcome.elapsed_s}
+        if reason == "no-ports" and self._wait.detail:
+            fields["detail"] = self._wait.detail  # what the lookup saw: why no ports
         if not then_stop:
-            self.events.emit("drain.finished", reason=reason, count=count,
-                             elapsed_s=self.outcome.elapsed_s)
+            self.events.emit("drain.finished", **fields)
             self.record.phases.append(("finished", self.outcome.elapsed_s))
             return
         if self.seams.stop is None:
-            self._enter(Phase.DONE, "drain.finished", reason=reason, count=count,
-                        elapsed_s=self.outcome.elapsed_s)
+            self._enter(Phase.DONE, "drain.finished", **fields)
         elif self.record.trigger == "prestop" and not self._sigterm_seen and reason != "forced":
-            self._enter(Phase.AWAIT_SIGTERM, "drain.finished", reason=reason, count=count,
-                        elapsed_s=self.outcome.elapsed_s)
+            self._enter(Phase.AWAIT_SIGTERM, "drain.finished", **fields)
         else:
-            self.events.emit("drain.finished", reason=reason, count=count,
-                             elapsed_s=self.outcome.elapsed_s)
+            self.events.emit("drain.finished", **fields)
             self._stop()
 
     def _stop(self) -> None:

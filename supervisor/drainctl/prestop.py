@@ -15,9 +15,10 @@ termination log. While it runs, it serves the control channel itself, so a secon
 its drain and `drainctl status` can see it.
 
 Auto ports in standalone mode: the ports PID 1's process tree listens on (PID 1 is the app when
-the hook runs in the container's PID namespace); when /proc/1 cannot be read, or that tree listens
-on nothing (a pod with `shareProcessNamespace`, where PID 1 is the pause process), every port
-something listens on in the network namespace.
+the hook runs in the container's PID namespace); when its open files cannot be read, the ports
+its uids listen on; when that tree listens on nothing (a pod with `shareProcessNamespace`, where
+PID 1 is the pause process), every port something listens on in the network namespace. Each
+guess is logged as a `warning` (discovery.py).
 
 Standalone mode is never entered when PID 1 is `drainctl run` that does not answer (another
 --control-socket?): a second drain would only delay the supervisor's own.
@@ -37,11 +38,14 @@ import selectors
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from drainctl import control
 from drainctl.config import Config
 from drainctl.events import Events, format_json, format_text
+
+if TYPE_CHECKING:
+    from drainctl.discovery import Discovery
 
 __all__ = [
     "EXIT_DRAINED",
@@ -181,15 +185,11 @@ def _relayer(events: Events, log_format: str) -> Callable[[dict[str, Any]], None
 # ---- without one ----------------------------------------------------------------------------
 
 
-def auto_ports() -> list[int]:
-    """Standalone auto mode (see the module docstring)."""
-    from drainctl.connections import all_listening_ports, listening_ports
+def auto_ports() -> Discovery:
+    """Standalone auto mode (see the module docstring and discovery.tree_ports)."""
+    from drainctl.discovery import tree_ports
 
-    try:
-        os.listdir("/proc/1/fd")
-    except OSError:
-        return all_listening_ports()
-    return listening_ports(1) or all_listening_ports()
+    return tree_ports(1, or_namespace=True)
 
 
 def _standalone(

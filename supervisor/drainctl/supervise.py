@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from drainctl.config import Config
     from drainctl.connections import Counter, Counts
+    from drainctl.discovery import Discovery
     from drainctl.downcall import DownResult, ProbeResult
     from drainctl.events import Events
 
@@ -64,7 +65,7 @@ def drain_seams(
     config: Config,
     clock: Callable[[], float],
     runner: Any,
-    lookup_ports: Callable[[], list[int]],
+    lookup_ports: Callable[[], list[int] | Discovery],
 ) -> Seams:
     """The drain's real seams. psutil and httpx are imported only when a drain needs them."""
     counter: list[Counter] = []
@@ -148,8 +149,7 @@ class Supervisor:
         self.child = child = spawn(self.argv, inherited_mask)
         self.events.emit("child.started", pid=child.pid, argv=self.argv)
         runner = ThreadRunner(self.inbox)
-        seams = drain_seams(self.config, self.clock, runner,
-                            lambda: _lookup_ports(child.pid))
+        seams = drain_seams(self.config, self.clock, runner, _lookup_ports)
         seams.stop = self._send_stop
         seams.kill = self._kill_group
         self.drain = Drain(self.config, self.events, seams)
@@ -315,7 +315,9 @@ class Supervisor:
         return "stopping"
 
 
-def _lookup_ports(pid: int) -> list[int]:
-    from drainctl.connections import listening_ports
+def _lookup_ports() -> Discovery:
+    # Every process drainctl is responsible for, not only the app's tree (a daemonized server
+    # is re-parented to drainctl), with its fallbacks; no psutil (discovery.py).
+    from drainctl.discovery import app_ports
 
-    return listening_ports(pid)
+    return app_ports()
