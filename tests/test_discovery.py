@@ -117,8 +117,9 @@ def drainctl_pid(proc: Proc) -> int:
                 argv = each.cmdline()
             except psutil.Error:
                 continue
-            if argv and "run" in argv and not argv[0].endswith("sh") and (
-                "drainctl" in argv or any(a.endswith("/drainctl") for a in argv[:2])
+            # `python -m drainctl run`, or the binary (through its loader: ld.so ... drainctl run)
+            if argv and "run" in argv and not argv[0].endswith("sh") and any(
+                a == "drainctl" or a.endswith("/drainctl") for a in argv
             ):
                 return int(each.pid)
         return None
