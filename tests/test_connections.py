@@ -34,6 +34,7 @@ from drainctl.connections import (
     listening_ports,
     make_counter,
 )
+from tests.conftest import wait_for
 
 T = TypeVar("T")
 
@@ -321,6 +322,39 @@ def test_idle_grace_zero_counts_every_quiet_connection(sockets: Sockets) -> None
     counts = Counter("netlink").count([port], idle_grace=0.0)
     assert counts.ports[port] == PortCounts(established=4, idle=4)
     assert counts.holding == 0
+
+
+def test_inflight_judges_each_connection_with_its_reason(sockets: Sockets) -> None:
+    listener = sockets.listener()
+    port = port_of(listener)
+
+    def reasons() -> dict[int, str]:  # client's port -> verdict
+        return {c.remote[1]: c.reason for c in conn.inflight([port], idle_grace=0.05)}
+
+    quiet_client, _quiet = sockets.pair(listener)
+    working_client, working = sockets.pair(listener)
+    working_client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    assert working.recv(100)  # read: the app is working on it, nothing in its queue
+    unread_client, _unread = sockets.pair(listener)
+    unread_client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    half_client, half = sockets.pair(listener)
+    half_client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    assert half.recv(100)
+    half_client.shutdown(socket.SHUT_WR)  # CLOSE_WAIT with its request unanswered
+    time.sleep(0.2)  # past the grace
+    got = reasons()
+    assert got[port_of(quiet_client)] == "idle"
+    assert got[port_of(working_client)] == "unanswered"
+    assert got[port_of(unread_client)] == "unread"
+    assert got[port_of(half_client)] == "unanswered"
+    states = {c.remote[1]: c.state for c in conn.inflight([port], idle_grace=0.05)}
+    assert states[port_of(half_client)] == conn.TCP_CLOSE_WAIT
+    working.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")  # answered
+    half.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    wait_for(lambda: reasons()[port_of(working_client)] == "idle", timeout=5)
+    assert reasons()[port_of(half_client)] == "idle"
+    counts = Counter("netlink").count([port])  # without a grace: only the queue decides
+    assert counts.ports[port].close_wait == 1 and counts.close_wait_busy == 0
 
 
 # --- choosing a method -----------------------------------------------------------------------

@@ -5,8 +5,10 @@ Each test runs a pod: `unshare --net --pid --fork --mount-proc`, a network names
 under `sh`. The app (tests/apps/slowpod.py) has its own client, whose one request takes seconds
 of silence to answer; the test sends SIGTERM once the request is in flight and checks that the
 client got its answer before the app got its stop signal, and what drainctl said on the way.
-Real uids (setpriv), a drainctl without CAP_SYS_PTRACE (setpriv --bounding-set), a daemonizing
-server, no /proc, a sidecar of another uid: every one of these ended `no-ports` at once before.
+Real uids (setpriv), a drainctl without CAP_SYS_PTRACE (setpriv --bounding-set), an app binary
+with a file capability, a daemonizing server, no /proc, a sidecar of another uid: every one of
+these ended `no-ports` at once before; a 4 s request past --idle-grace and a half-closed client
+were cut.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -78,9 +83,14 @@ def run_pod(
     no_ptrace: bool = False,
     no_proc: bool = False,
     sidecar: list[str] | None = None,
+    supervisor: list[str] | None = None,
 ) -> Proc:
-    """Start the pod, send drainctl SIGTERM once the request is in flight, wait for the end."""
-    drainctl = [*(NO_PTRACE if no_ptrace else []), *drainctl_argv(), "run", "--delay", "0",
+    """Start the pod, send drainctl SIGTERM once the request is in flight, wait for the end.
+
+    `supervisor`: how drainctl is started (default: drainctl_argv(), as root)."""
+    if supervisor is None:
+        supervisor = drainctl_argv()
+    drainctl = [*(NO_PTRACE if no_ptrace else []), *supervisor, "run", "--delay", "0",
                 "--settle", "0.2", "--grace-period", "20", "--stop-timeout", "2", *drain_args,
                 "--", *app]
     lines = ["ip link set lo up || exit 97"]
@@ -172,6 +182,42 @@ def test_app_of_another_uid_and_drainctl_without_ptrace(procs: Processes, pid1: 
     assert len(warnings) == 1, proc.stderr()
     assert f"uid {APP_UID}" in warnings[0] and str(app_port(proc)) in warnings[0]
     assert {tuple(e["ports"]) for e in events(proc, "connections")} == {(app_port(proc),)}
+    assert events(proc, "drain.finished")[0]["reason"] == "drained"
+
+
+@pytest.fixture
+def capable_python(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A copy of a Python with a file capability: whoever runs it is not dumpable, so not even
+    its own uid can read its open files without CAP_SYS_PTRACE (ptrace(2))."""
+    python = foreign_python()
+    if python is None or shutil.which("setcap") is None:
+        _missing("needs setcap (libcap2-bin) and a Python another uid can run")
+    assert python is not None
+    where = Path(tempfile.mkdtemp(prefix="drainctl-filecap-"))
+    try:
+        where.chmod(0o755)
+        copy = where / "python3"
+        shutil.copy2(os.path.realpath(python), copy)
+        subprocess.run(["setcap", "cap_net_bind_service+ep", str(copy)], check=True, timeout=30)
+        yield str(copy)
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def test_an_app_with_file_capabilities_of_drainctls_own_uid(
+    procs: Processes, capable_python: str
+) -> None:
+    python = foreign_python()
+    assert python is not None
+    supervisor = drainctl_argv()
+    if supervisor[0] == sys.executable:
+        supervisor[0] = python
+    proc = run_pod(procs, slowpod("--work", "2", python=capable_python),
+                   supervisor=as_uid(APP_UID, supervisor))
+    assert_answered_before_the_stop(proc)
+    warnings = [e["message"] for e in events(proc, "warning") if "CAP_SYS_PTRACE" in e["message"]]
+    assert len(warnings) == 1 and f"uid {APP_UID}" in warnings[0], proc.stderr()
+    assert events(proc, "connections")[0]["ports"] == [app_port(proc)]
     assert events(proc, "drain.finished")[0]["reason"] == "drained"
 
 
