@@ -291,16 +291,15 @@ def listening_ports(pid: int) -> list[int]:
     would. The scan stops once every listener of the namespace is found: listeners are opened
     first (low fds), so in a pod whose app is the only listener, the established sockets' fds
     are never read. Processes that vanish or cannot be read are skipped; an unknown `pid`
-    gives [].
+    gives []. The drain's auto ports use discovery.py, which also says what it could not read.
     """
-    import psutil  # lazily: see the module docstring
+    from drainctl import discovery
 
     inodes = _listening_inodes()
-    pids = [pid]
     try:
-        pids += [child.pid for child in psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
-        pass  # gone, or not ours to read: its fds below are skipped the same way
+        pids = [pid, *discovery._descendants(pid, discovery._parents())]
+    except OSError:
+        pids = [pid]  # no /proc to walk: the fds below are skipped the same way
     unseen = set(inodes)
     found: set[int] = set()
     for each in pids:
