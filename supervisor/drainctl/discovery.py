@@ -122,6 +122,11 @@ def app_ports() -> Discovery:
     else:
         pids = _descendants(me, _parents())
         what = "drainctl's descendants"
+    if not pids:
+        # drainctl always has its app while it drains: none visible means /proc hides them
+        # (mounted with hidepid=) rather than that there is nothing.
+        return _guess_namespace(_listeners_but_ours(), f"none of {what} is visible in /proc "
+                                "(mounted with hidepid=?)")
     return _discover(pids, what)
 
 
@@ -135,6 +140,9 @@ def tree_ports(root: int, *, or_namespace: bool = False) -> Discovery:
     if not _own_proc():
         return _guess_namespace(_listeners_but_ours(), "there is no /proc of this PID namespace "
                                 "(its processes' open files cannot be read)")
+    if not os.path.exists(f"/proc/{root}"):
+        return _guess_namespace(_listeners_but_ours(), f"PID {root} is not visible in /proc "
+                                "(mounted with hidepid=?)")
     pids = [root, *_descendants(root, _parents())]
     what = f"the process tree of PID {root}"
     found = _discover(pids, what)
