@@ -178,7 +178,7 @@ def _discover(pids: Sequence[int], what: str) -> Discovery:
         if found:
             return Discovery(found, FDS)
         others = ", ".join(str(p) for p in sorted(set(by_inode.values())))
-        return Discovery([], FDS, detail=f"{what} ({len(pids)} processes) listen on no TCP "
+        return Discovery([], FDS, detail=f"{what} ({len(pids)} process(es)) listen on no TCP "
                          f"port; other processes listen on {others}")
     uids = set().union(*(each[0] for each in hidden.values()))
     why = (f"cannot read the open files of {_describe(hidden)}: {_first_why(hidden)} (the app "
