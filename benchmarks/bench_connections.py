@@ -231,7 +231,7 @@ def time_ss(port: int) -> tuple[float, int]:
 
 
 def time_listening_ports(repeat: int) -> float:
-    from drainctl.drain.connections import listening_ports
+    from drainctl.drain.discovery import listening_ports
 
     times = []
     for _ in range(repeat):

@@ -31,9 +31,10 @@ from drainctl.drain.connections import (
     Counts,
     PortCounts,
     all_listening_ports,
-    listening_ports,
     make_counter,
 )
+from drainctl.drain.discovery import listening_ports
+from tests.conftest import wait_for
 
 T = TypeVar("T")
 
@@ -323,6 +324,39 @@ def test_idle_grace_zero_counts_every_quiet_connection(sockets: Sockets) -> None
     assert counts.holding == 0
 
 
+def test_inflight_judges_each_connection_with_its_reason(sockets: Sockets) -> None:
+    listener = sockets.listener()
+    port = port_of(listener)
+
+    def reasons() -> dict[int, str]:  # client's port -> verdict
+        return {c.remote[1]: c.reason for c in conn.inflight([port], idle_grace=0.05)}
+
+    quiet_client, _quiet = sockets.pair(listener)
+    working_client, working = sockets.pair(listener)
+    working_client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    assert working.recv(100)  # read: the app is working on it, nothing in its queue
+    unread_client, _unread = sockets.pair(listener)
+    unread_client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    half_client, half = sockets.pair(listener)
+    half_client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    assert half.recv(100)
+    half_client.shutdown(socket.SHUT_WR)  # CLOSE_WAIT with its request unanswered
+    time.sleep(0.2)  # past the grace
+    got = reasons()
+    assert got[port_of(quiet_client)] == "idle"
+    assert got[port_of(working_client)] == "unanswered"
+    assert got[port_of(unread_client)] == "unread"
+    assert got[port_of(half_client)] == "unanswered"
+    states = {c.remote[1]: c.state for c in conn.inflight([port], idle_grace=0.05)}
+    assert states[port_of(half_client)] == conn.TCP_CLOSE_WAIT
+    working.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")  # answered
+    half.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    wait_for(lambda: reasons()[port_of(working_client)] == "idle", timeout=5)
+    assert reasons()[port_of(half_client)] == "idle"
+    counts = Counter("netlink").count([port])  # without a grace: only the queue decides
+    assert counts.ports[port].close_wait == 1 and counts.close_wait_busy == 0
+
+
 # --- choosing a method -----------------------------------------------------------------------
 
 
@@ -437,7 +471,8 @@ def test_listening_ports_of_a_gone_process_is_empty() -> None:
 # listening_ports() can stop scanning fds once it has found them (listeners come first).
 ALONE_IN_NETNS = r"""
 import json, os, socket
-from drainctl.drain.connections import Counter, all_listening_ports, listening_ports
+from drainctl.drain.connections import Counter, all_listening_ports
+from drainctl.drain.discovery import listening_ports
 v4 = socket.socket(); v4.bind(("127.0.0.1", 0)); v4.listen(64)
 port = v4.getsockname()[1]
 held = []
@@ -606,16 +641,16 @@ def test_strided_and_walked_tallies_agree() -> None:
     buf = bytearray(chunk)
 
     def fresh() -> dict[int, list[int]]:
-        return {8080: [0, 0, 0, 0], 8443: [0, 0, 0, 0]}  # 9999 not requested: ignored
+        return {8080: [0, 0, 0, 0, 0], 8443: [0, 0, 0, 0, 0]}  # 9999 not requested: ignored
 
-    strided, walked, one_port = fresh(), fresh(), {8080: [0, 0, 0, 0]}
+    strided, walked, one_port = fresh(), fresh(), {8080: [0, 0, 0, 0, 0]}
     conn._tally_strided(buf, 0, len(chunk), 124, strided)
     conn._tally(buf, 0, len(chunk), walked)
     only_8080 = b"".join(reply(s, 8080) for s in states)
     conn._tally_strided(bytearray(only_8080), 0, len(only_8080), 124, one_port)
 
-    assert strided == walked == {8080: [3, 2, 1, 0], 8443: [2, 0, 1, 0]}
-    assert one_port == {8080: [6, 2, 2, 0]}
+    assert strided == walked == {8080: [3, 2, 1, 0, 0], 8443: [2, 0, 1, 0, 0]}
+    assert one_port == {8080: [6, 2, 2, 0, 0]}
 
 
 # --- pure logic: /proc/net/tcp ---------------------------------------------------------------
@@ -632,25 +667,25 @@ PROC_TCP = b"""\
 
 
 def test_proc_lines_tally_by_local_port_and_state() -> None:
-    tallies = {8080: [0, 0, 0, 0], 443: [0, 0, 0, 0], 50000: [0, 0, 0, 0], 22: [0, 0, 0, 0]}
+    tallies = {8080: [0] * 5, 443: [0] * 5, 50000: [0] * 5, 22: [0] * 5}
     conn._tally_proc_lines(PROC_TCP.splitlines(), tallies)
     # 8080 (1F90): one established, one close_wait, one time_wait; LISTEN not counted.
     # 50000 (C350) is the client end of line 1: established on its own local port.
     # Line 10000 shows the sl column growing past its width: still parsed.
     assert tallies == {
-        8080: [1, 1, 1, 0],
-        443: [1, 0, 0, 0],
-        50000: [1, 0, 0, 0],
-        22: [0, 0, 0, 0],
+        8080: [1, 1, 1, 0, 0],
+        443: [1, 0, 0, 0, 0],
+        50000: [1, 0, 0, 0, 0],
+        22: [0, 0, 0, 0, 0],
     }
 
 
 def test_proc_lines_repeated_by_a_resumed_read_count_once() -> None:
     lines = PROC_TCP.splitlines()
     repeated = [*lines[:3], lines[1].replace(b"   1:", b"  27:"), *lines[3:]]
-    tallies = {8080: [0, 0, 0, 0]}
+    tallies = {8080: [0] * 5}
     conn._tally_proc_lines(repeated, tallies)
-    assert tallies == {8080: [1, 1, 1, 0]}
+    assert tallies == {8080: [1, 1, 1, 0, 0]}
 
 
 def test_proc_lines_listeners() -> None:

@@ -400,8 +400,8 @@ class Config:
     ports: tuple[int, ...] = option(
         name="port", kind="multi", parse=parse_ports, empty=(), env="DRAINCTL_PORTS",
         help="A port whose established inbound TCP connections must drain (repeatable; "
-             "DRAINCTL_PORTS takes a comma list). Default: the ports the app's process tree "
-             "listens on when the drain starts (looked up once more if none).")
+             "DRAINCTL_PORTS takes a comma list). Default: the ports drainctl's processes listen "
+             "on when the drain starts (looked up once more if none; README, 'Auto ports').")
     drain_timeout: float | None = option(
         parse=Duration(optional=True),
         help="Longest wait for connections to reach zero. Default: what the grace budget "
@@ -424,8 +424,8 @@ class Config:
         help="How long the app may take to exit after the stop signal before SIGKILL.")
     idle_grace: float | None = option(
         parse=Duration(optional=True),
-        help="A connection idle (no data either way, empty queues) this long stops holding the "
-             "drain. Default: off.")
+        help="A connection idle this long (no data either way, empty queues, and its last "
+             "request answered) stops holding the drain. Default: off.")
     probe_path: str | None = option(
         default="/", parse=_probe_path, off=("no_probe", "Skip that check."),
         help="After a successful down call, one keep-alive request to this path checks that "

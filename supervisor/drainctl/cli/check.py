@@ -114,7 +114,9 @@ def _auto_ports(status: Mapping[str, object] | None) -> tuple[list[int], str]:
     from drainctl.control.prestop import auto_ports
 
     try:
-        return auto_ports(), "auto: PID 1's process tree, else every listening port here"
+        found = auto_ports()
+        source = found.warning or found.detail or "auto: PID 1's process tree"
+        return found.ports, source
     except OSError as exc:
         return [], f"auto: cannot read the listening ports: {exc}"
 

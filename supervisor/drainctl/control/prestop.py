@@ -15,9 +15,10 @@ termination log. While it runs, it serves the control channel itself, so a secon
 its drain and `drainctl status` can see it.
 
 Auto ports in standalone mode: the ports PID 1's process tree listens on (PID 1 is the app when
-the hook runs in the container's PID namespace); when /proc/1 cannot be read, or that tree listens
-on nothing (a pod with `shareProcessNamespace`, where PID 1 is the pause process), every port
-something listens on in the network namespace.
+the hook runs in the container's PID namespace); when its open files cannot be read, the ports
+its uids listen on; when that tree listens on nothing (a pod with `shareProcessNamespace`, where
+PID 1 is the pause process), every port something listens on in the network namespace. Each
+guess is logged as a `warning` (drain/discovery.py).
 
 Standalone mode is never entered when PID 1 is `drainctl run` that does not answer (another
 --control-socket?), or whose socket name is held by a process we do not trust: a second drain
@@ -50,7 +51,12 @@ from drainctl.control.client import BUSY_RETRY, Busy, Client, Untrusted, error_o
 from drainctl.control.protocol import ControlError, NoServer, resolve_address
 from drainctl.drain.budget import Budget
 from drainctl.events import Events
+from drainctl.exitcodes import EXIT_LEFT, EXIT_USAGE
 from drainctl.options import Config
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from drainctl.drain.discovery import Discovery
 
 __all__ = [
     "EXIT_LEFT",
@@ -61,8 +67,6 @@ __all__ = [
     "prestop",
     "time_left",
 ]
-
-from drainctl.exitcodes import EXIT_LEFT, EXIT_USAGE
 
 # How long past the supervisor's own deadline a joined prestop waits for the result before it
 # gives up (the supervisor finishes the drain at its deadline; this only guards against a hang).
@@ -225,15 +229,11 @@ def time_left(value: object, unknown: float) -> float:
 # ---- without one ----------------------------------------------------------------------------
 
 
-def auto_ports() -> list[int]:
-    """Standalone auto mode (see the module docstring)."""
-    from drainctl.drain.connections import all_listening_ports, listening_ports
+def auto_ports() -> Discovery:
+    """Standalone auto mode (see the module docstring and discovery.tree_ports)."""
+    from drainctl.drain.discovery import tree_ports
 
-    try:
-        os.listdir("/proc/1/fd")
-    except OSError:
-        return all_listening_ports()
-    return listening_ports(1) or all_listening_ports()
+    return tree_ports(1, or_namespace=True)
 
 
 def _standalone(

@@ -383,7 +383,9 @@ class Server:
 
         def work() -> Counts:
             # Off the loop: a port lookup walks /proc and a count may see many sockets.
-            return count(ports if ports is not None else lookup(), grace)
+            from drainctl.drain.discovery import ports_of
+
+            return count(ports if ports is not None else ports_of(lookup()), grace)
 
         def done(result: Counts | Exception) -> None:
             if conn.closed:

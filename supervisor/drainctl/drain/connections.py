@@ -10,13 +10,22 @@ Three methods, fastest first (benchmarks/bench_connections.py measures them):
   the kernel as inet_diag bytecode, so only the drained ports' sockets cross into Python.
 - ``proc``: parse /proc/net/tcp and /proc/net/tcp6 (proc(5)). The kernel formats every socket of
   the namespace as text, so it is several times slower than netlink at thousands of connections,
-  and it has no timers: with this method ``idle`` is always 0.
+  and it has no timers: with this method ``idle`` is always 0, and a CLOSE_WAIT connection holds
+  only while its queues are not empty.
 - ``psutil``: ``psutil.net_connections()``, which parses the same files and also maps every
-  socket to its process; the last resort. ``idle`` is always 0 here too.
+  socket to its process; the last resort. ``idle`` is always 0 here too, and CLOSE_WAIT never
+  holds.
 
 ``make_counter("auto")`` picks netlink when one cheap request works here (sandboxes such as gVisor
-refuse NETLINK_SOCK_DIAG), else /proc, else psutil. psutil is imported lazily: the supervisor's
-start-up must stay lean.
+refuse NETLINK_SOCK_DIAG), else /proc, else psutil. psutil is imported lazily, and nothing here
+imports dataclasses or typing: the supervisor's start-up and its first drain must stay lean.
+
+In-flight truth (``judge``): a connection is busy, never idle, while the app has unread bytes in
+its receive queue, unacknowledged bytes in its send queue, or while the last data came from the
+client after the last data the app sent (tcp_info's tcpi_last_data_recv < tcpi_last_data_sent, in
+ms since: a request not yet answered). An ESTABLISHED connection also needs `idle_grace` without
+data either way to be idle; a CLOSE_WAIT one (the client half-closed) holds only while busy.
+``inflight()`` gives that verdict per connection, with the reason.
 """
 
 from __future__ import annotations
@@ -27,15 +36,16 @@ import os
 import socket
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 __all__ = [
     "METHODS",
+    "Connection",
     "Counter",
     "Counts",
     "PortCounts",
     "all_listening_ports",
-    "listening_ports",
+    "inflight",
+    "judge",
     "make_counter",
 ]
 
@@ -82,10 +92,14 @@ _REPLY = struct.Struct("=I13xB2xBB")
 _REPLY_MIN = 16 + 72  # nlmsghdr + struct inet_diag_msg
 _QUEUES = struct.Struct("=II")  # idiag_rqueue, idiag_wqueue
 _QUEUES_AT = 16 + 56
-# struct tcp_info (linux/tcp.h): tcpi_last_data_sent at 44, tcpi_last_data_recv at 52, in ms.
+# struct tcp_info (linux/tcp.h): tcpi_last_data_sent at 44, tcpi_last_data_recv at 52, in ms;
+# tcpi_data_segs_in and tcpi_data_segs_out at 152 and 156 (Linux 4.6+; 0 when absent).
 _TCPI_LAST_DATA = struct.Struct("=I4xI")
 _TCPI_LAST_DATA_AT = 44
 _TCPI_MIN = _TCPI_LAST_DATA_AT + _TCPI_LAST_DATA.size
+_TCPI_DATA_SEGS = struct.Struct("=II")
+_TCPI_DATA_SEGS_AT = 152
+_TCPI_SEGS_MIN = _TCPI_DATA_SEGS_AT + _TCPI_DATA_SEGS.size
 _NLMSGHDR_HEAD = struct.Struct("=IH")  # nlmsg_len, nlmsg_type
 _U32 = struct.Struct("=I")
 _U16 = struct.Struct("=H")
@@ -97,33 +111,77 @@ _RECV_BUFSIZE = 65536
 _NETLINK_TIMEOUT = 5.0  # seconds per recv; a 30k-socket dump takes well under 0.1 s
 
 
-@dataclass(frozen=True, slots=True)
 class PortCounts:
     """TCP sockets on one local port, by state (LISTEN is never counted)."""
 
-    established: int = 0
-    close_wait: int = 0
-    other: int = 0  # SYN_RECV, FIN_WAIT*, TIME_WAIT, LAST_ACK, CLOSING...
-    # ESTABLISHED ones idle for at least idle_grace: no data either way, empty queues. Only the
-    # netlink method can see it; 0 with the others, or without idle_grace.
-    idle: int = 0
+    __slots__ = ("close_wait", "close_wait_busy", "established", "idle", "other")
+
+    def __init__(
+        self,
+        established: int = 0,
+        close_wait: int = 0,
+        other: int = 0,  # SYN_RECV, FIN_WAIT*, TIME_WAIT, LAST_ACK, CLOSING...
+        # ESTABLISHED ones idle for at least idle_grace and not busy (see judge()). Only the
+        # netlink method can see it; 0 with the others, or without idle_grace.
+        idle: int = 0,
+        # CLOSE_WAIT ones still busy (see judge()): a half-closed client awaiting its answer.
+        close_wait_busy: int = 0,
+    ) -> None:
+        self.established = established
+        self.close_wait = close_wait
+        self.other = other
+        self.idle = idle
+        self.close_wait_busy = close_wait_busy
+
+    def _key(self) -> tuple[int, int, int, int, int]:
+        return (self.established, self.close_wait, self.other, self.idle, self.close_wait_busy)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PortCounts):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (
+            f"PortCounts(established={self.established}, close_wait={self.close_wait}, "
+            f"other={self.other}, idle={self.idle}, close_wait_busy={self.close_wait_busy})"
+        )
 
     @property
     def holding(self) -> int:
         """Connections that still hold a drain."""
-        return self.established - self.idle
+        return self.established - self.idle + self.close_wait_busy
 
 
-@dataclass(frozen=True, slots=True)
 class Counts:
     """One count: an entry per requested port (zeros included), and the method that made it."""
 
-    ports: dict[int, PortCounts]
-    method: str
+    __slots__ = ("method", "ports")
+
+    def __init__(self, ports: dict[int, PortCounts], method: str) -> None:
+        self.ports = ports
+        self.method = method
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Counts):
+            return NotImplemented
+        return (self.ports, self.method) == (other.ports, other.method)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable dict inside, like the dataclass was
+
+    def __repr__(self) -> str:
+        return f"Counts(ports={self.ports!r}, method={self.method!r})"
 
     @property
     def established(self) -> int:
         return sum(p.established for p in self.ports.values())
+
+    @property
+    def close_wait_busy(self) -> int:
+        return sum(p.close_wait_busy for p in self.ports.values())
 
     @property
     def holding(self) -> int:
@@ -222,38 +280,6 @@ def make_counter(method: str = "auto") -> Counter:
     return Counter("psutil")
 
 
-def listening_ports(pid: int) -> list[int]:
-    """Sorted TCP ports (IPv4 and IPv6) that the process tree rooted at `pid` listens on.
-
-    Listening sockets come from one netlink dump (or /proc/net/tcp*) as inode -> port; the tree's
-    /proc/<pid>/fd links name their sockets' inodes. That costs a readlink per open fd (some
-    10 us each in a small VM: the kernel has no inode -> process map, `ss -p` scans the same
-    way) but never formats the established sockets, as psutil's per-process net_connections()
-    would. The scan stops once every listener of the namespace is found: listeners are opened
-    first (low fds), so in a pod whose app is the only listener, the established sockets' fds
-    are never read. Processes that vanish or cannot be read are skipped; an unknown `pid`
-    gives [].
-    """
-    import psutil  # lazily: see the module docstring
-
-    inodes = _listening_inodes()
-    pids = [pid]
-    try:
-        pids += [child.pid for child in psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
-        pass  # gone, or not ours to read: its fds below are skipped the same way
-    unseen = set(inodes)
-    found: set[int] = set()
-    for each in pids:
-        for inode in _socket_inodes(each):
-            if inode in unseen:
-                unseen.discard(inode)
-                found.add(inodes[inode])
-                if not unseen:
-                    return sorted(found)
-    return sorted(found)
-
-
 def all_listening_ports() -> list[int]:
     """Every TCP port (IPv4 and IPv6) something listens on in this network namespace, sorted."""
     return sorted(set(_listening_inodes().values()))
@@ -265,20 +291,27 @@ def all_listening_ports() -> list[int]:
 def _count_netlink(
     ports: list[int], idle_grace: float | None, *, eq_ops: bool
 ) -> dict[int, list[int]]:
-    tallies = {port: [0, 0, 0, 0] for port in ports}  # established, close_wait, other, idle
+    # established, close_wait, other, idle, close_wait_busy
+    tallies = {port: [0, 0, 0, 0, 0] for port in ports}
     bytecode = _port_filter(ports, eq_ops=eq_ops)
     grace_ms = None if idle_grace is None else max(0.0, idle_grace) * 1000.0
-    # tcp_info costs 200+ bytes per socket on the wire: only ask for it when idleness matters.
-    ext = 1 << (INET_DIAG_INFO - 1) if grace_ms is not None else 0
+    # tcp_info costs 200+ bytes per socket on the wire: without idle_grace, only the CLOSE_WAIT
+    # sockets (few, and whether they hold depends on it) are dumped apart with it.
+    info = 1 << (INET_DIAG_INFO - 1)
+    if grace_ms is None:
+        dumps = [(_COUNT_STATES & ~(1 << TCP_CLOSE_WAIT), 0), (1 << TCP_CLOSE_WAIT, info)]
+    else:
+        dumps = [(_COUNT_STATES, info)]
     with _diag_socket() as sock:
         for family in (socket.AF_INET, socket.AF_INET6):
-            for buf, start, end, stride in _dump(sock, family, _COUNT_STATES, ext, bytecode):
-                if grace_ms is not None:
-                    _tally_idle(buf, start, end, stride, tallies, grace_ms)
-                elif stride:
-                    _tally_strided(buf, start, end, stride, tallies)
-                else:
-                    _tally(buf, start, end, tallies)
+            for states, ext in dumps:
+                for buf, start, end, stride in _dump(sock, family, states, ext, bytecode):
+                    if ext:
+                        _tally_idle(buf, start, end, stride, tallies, grace_ms)
+                    elif stride:
+                        _tally_strided(buf, start, end, stride, tallies)
+                    else:
+                        _tally(buf, start, end, tallies)
     return tallies
 
 
@@ -320,15 +353,64 @@ def _tally(buf: bytearray, start: int, end: int, tallies: dict[int, list[int]]) 
         off += (length + 3) & ~3
 
 
+def judge(
+    state: int,
+    rqueue: int,
+    wqueue: int,
+    since_sent: int,
+    since_recv: int,
+    grace_ms: float | None,
+    segs_in: int = 0,
+    segs_out: int = 0,
+) -> str:
+    """Whether one connection is busy, and why: "idle", or the reason it is busy.
+
+    Pure: the fields come from inet_diag_msg (idiag_rqueue, idiag_wqueue) and tcp_info
+    (tcpi_last_data_sent, tcpi_last_data_recv: ms since the last data segment each way;
+    tcpi_data_segs_in, tcpi_data_segs_out: data segments each way, 0 when unknown). Busy:
+    - "unread": bytes in the app's receive queue it has not read yet (a request waiting). In
+      CLOSE_WAIT the client's FIN takes one unit of the queue until the app reads the end of
+      the stream, so there it takes more than 1;
+    - "unsent": bytes in its send queue the client has not acknowledged (an answer under way);
+    - "unanswered": the last data came from the client after the last data the app sent (a
+      request the app is still working on, however long it stays silent), or the client sent
+      data and the app never sent any;
+    - "active" (ESTABLISHED only): data either way within `grace_ms` (None: always active).
+    Otherwise "idle": an ESTABLISHED connection quiet for the grace after its last answer, or a
+    CLOSE_WAIT one whose client has its answer (or never asked) and left.
+
+    Both timers start equal when the connection is set up (tcp_create_openreq_child() sets
+    lsndtime and lrcvtime alike), so a connection that never carried data is not "unanswered".
+    They tick in jiffies (1-10 ms): a first request that comes within the tick of the handshake
+    is caught by the segment counts; a later one that comes within the tick the previous answer
+    went out in looks answered, and then only the queues and the grace hold it.
+    """
+    if rqueue > (1 if state == TCP_CLOSE_WAIT else 0):
+        return "unread"
+    if wqueue:
+        return "unsent"
+    if since_recv < since_sent or (segs_in and not segs_out):
+        return "unanswered"
+    if state == TCP_CLOSE_WAIT:
+        return IDLE
+    if grace_ms is None or since_sent < grace_ms:  # since_recv >= since_sent here
+        return "active"
+    return IDLE
+
+
+IDLE = "idle"
+
+
 def _tally_idle(
     buf: bytearray,
     start: int,
     end: int,
     stride: int,
     tallies: dict[int, list[int]],
-    grace_ms: float,
+    grace_ms: float | None,
 ) -> None:
-    """Like _tally, and reads each ESTABLISHED socket's tcp_info to count the idle ones."""
+    """Like _tally, and judges each ESTABLISHED and CLOSE_WAIT socket by its queues and
+    tcp_info (see judge()): idle ESTABLISHED ones and busy CLOSE_WAIT ones are counted."""
     if stride and _tally_idle_strided(buf, start, end, stride, tallies, grace_ms):
         return
     info_at = 0  # where the last reply had INET_DIAG_INFO: replies of a kind share a layout
@@ -336,21 +418,24 @@ def _tally_idle(
         _length, state, port_hi, port_lo = _REPLY.unpack_from(buf, off)
         tally = tallies.get(port_hi << 8 | port_lo)
         _add(tally, state, 1)
-        if tally is None or state != TCP_ESTABLISHED:
+        if tally is None or state not in (TCP_ESTABLISHED, TCP_CLOSE_WAIT):
             continue
-        # Unread bytes (rqueue) or unacknowledged/unsent ones (wqueue) mean a transfer is under
-        # way however old its last segment (inet_diag_msg, filled by tcp_diag_get_info()).
         rqueue, wqueue = _QUEUES.unpack_from(buf, off + _QUEUES_AT)
-        if rqueue or wqueue:
-            continue
         if not (info_at and _is_tcp_info(buf, off + info_at, off + length)):
             info_at = _find_tcp_info(buf, off + _REPLY_MIN, off + length) - off
             if info_at < 0:
                 info_at = 0
-                continue  # no tcp_info: cannot tell, so it holds
-        sent, received = _TCPI_LAST_DATA.unpack_from(buf, off + info_at + 4 + _TCPI_LAST_DATA_AT)
-        if sent >= grace_ms and received >= grace_ms:
-            tally[3] += 1
+                # No tcp_info: cannot tell. ESTABLISHED holds; CLOSE_WAIT by its queues only.
+                if state == TCP_CLOSE_WAIT and (rqueue > 1 or wqueue):
+                    tally[4] += 1
+                continue
+        sent, received, segs_in, segs_out = _timers(buf, off + info_at)
+        verdict = judge(state, rqueue, wqueue, sent, received, grace_ms, segs_in, segs_out)
+        if state == TCP_ESTABLISHED:
+            if verdict == IDLE:
+                tally[3] += 1
+        elif verdict != IDLE:
+            tally[4] += 1
 
 
 def _tally_idle_strided(
@@ -359,13 +444,14 @@ def _tally_idle_strided(
     end: int,
     stride: int,
     tallies: dict[int, list[int]],
-    grace_ms: float,
+    grace_ms: float | None,
 ) -> bool:
     """_tally_idle for a run of same-length replies, reading each field as one strided slice.
 
     False (nothing counted) when tcp_info is not at the same offset in every reply.
     """
-    if buf[start + 17 : end : stride].count(TCP_ESTABLISHED) == 0:
+    states = buf[start + 17 : end : stride]
+    if not states.count(TCP_ESTABLISHED) and not states.count(TCP_CLOSE_WAIT):
         _tally_strided(buf, start, end, stride, tallies)  # e.g. TIME_WAIT: no tcp_info to read
         return True
     info_at = _find_tcp_info(buf, start + _REPLY_MIN, start + stride) - start
@@ -373,6 +459,9 @@ def _tally_idle_strided(
         return False
     count = (end - start) // stride
     step = stride // 4
+    grace = float("inf") if grace_ms is None else grace_ms
+    idle: collections.Counter[int] = collections.Counter()
+    busy: collections.Counter[int] = collections.Counter()
     with memoryview(buf) as raw, raw.cast("I") as words:
 
         def column(at: int) -> memoryview:  # the u32 at `at` in every reply of the run
@@ -382,31 +471,136 @@ def _tally_idle_strided(
         if column(info_at).tobytes() != header * count:
             return False
         timers_at = info_at + 4 + _TCPI_LAST_DATA_AT
+        segs_at = info_at + 4 + _TCPI_DATA_SEGS_AT
+        if _U16.unpack_from(buf, start + info_at)[0] - 4 >= _TCPI_SEGS_MIN:
+            segs_in, segs_out = column(segs_at).tolist(), column(segs_at + 4).tolist()
+        else:
+            segs_in = segs_out = [0] * count
         fields = zip(
             buf[start + 20 : end : stride],  # idiag_sport, high byte
             buf[start + 21 : end : stride],  # and low byte
-            buf[start + 17 : end : stride],  # idiag_state
+            states,  # idiag_state
             column(_QUEUES_AT).tolist(),  # idiag_rqueue
             column(_QUEUES_AT + 4).tolist(),  # idiag_wqueue
             column(timers_at).tolist(),  # tcpi_last_data_sent
             column(timers_at + 8).tolist(),  # tcpi_last_data_recv
+            segs_in,  # tcpi_data_segs_in
+            segs_out,  # tcpi_data_segs_out
             strict=True,
         )
-        idle = collections.Counter(
-            hi << 8 | lo
-            for hi, lo, state, rqueue, wqueue, sent, received in fields
-            if state == TCP_ESTABLISHED
-            and not rqueue
-            and not wqueue
-            and sent >= grace_ms
-            and received >= grace_ms
-        )
+        # judge() inlined: idle = empty queues, not unanswered, received >= sent >= grace.
+        for hi, lo, state, rqueue, wqueue, sent, received, seg_in, seg_out in fields:
+            if state == TCP_ESTABLISHED:
+                if (
+                    not rqueue
+                    and not wqueue
+                    and received >= sent >= grace
+                    and (seg_out or not seg_in)
+                ):
+                    idle[hi << 8 | lo] += 1
+            elif state == TCP_CLOSE_WAIT and (
+                rqueue > 1 or wqueue or received < sent or (seg_in and not seg_out)
+            ):
+                busy[hi << 8 | lo] += 1
     _tally_strided(buf, start, end, stride, tallies)
-    for port, n in idle.items():
-        tally = tallies.get(port)
-        if tally is not None:
-            tally[3] += n
+    for column_at, counted in ((3, idle), (4, busy)):
+        for port, n in counted.items():
+            tally = tallies.get(port)
+            if tally is not None:
+                tally[column_at] += n
     return True
+
+
+class Connection:
+    """One inbound connection on a drained port, as inflight() sees it."""
+
+    __slots__ = ("cookie", "inode", "local", "reason", "remote", "state", "uid")
+
+    def __init__(
+        self,
+        local: tuple[str, int],
+        remote: tuple[str, int],
+        state: int,
+        inode: int,
+        uid: int,
+        cookie: int,
+        reason: str,
+    ) -> None:
+        self.local = local
+        self.remote = remote
+        self.state = state  # TCP_ESTABLISHED or TCP_CLOSE_WAIT
+        self.inode = inode  # the socket's inode: what /proc/PID/fd/N links name
+        self.uid = uid
+        self.cookie = cookie  # inet_diag's socket cookie: names this socket to the kernel
+        self.reason = reason  # judge()'s verdict: "idle", or why it is busy
+
+    @property
+    def busy(self) -> bool:
+        return self.reason != IDLE
+
+    def __repr__(self) -> str:
+        return (
+            f"Connection({self.local[0]}:{self.local[1]} <- {self.remote[0]}:{self.remote[1]}, "
+            f"state={self.state}, reason={self.reason!r})"
+        )
+
+
+def inflight(ports: Sequence[int], idle_grace: float | None) -> list[Connection]:
+    """Every ESTABLISHED and CLOSE_WAIT connection whose local port is in `ports`, each judged
+    busy or idle (judge()) with its reason, in this network namespace (netlink only).
+
+    `idle_grace` (seconds): how long an ESTABLISHED connection must be quiet to be idle; None:
+    never. A connection whose reply lacks tcp_info is judged by its queues alone, and an
+    ESTABLISHED one then stays "active". Raises OSError when the kernel cannot be read.
+    """
+    wanted = sorted({_check_port(p) for p in ports})
+    if not wanted:
+        return []
+    grace_ms = None if idle_grace is None else max(0.0, idle_grace) * 1000.0
+    states = 1 << TCP_ESTABLISHED | 1 << TCP_CLOSE_WAIT
+    found: list[Connection] = []
+    with _diag_socket() as sock:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                program = _port_filter(wanted)
+                runs = list(_inflight_runs(sock, family, states, program, grace_ms))
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                program = _port_filter(wanted, eq_ops=False)  # before Linux 4.17
+                runs = list(_inflight_runs(sock, family, states, program, grace_ms))
+            found += runs
+    return found
+
+
+def _inflight_runs(
+    sock: socket.socket, family: int, states: int, program: bytes, grace_ms: float | None
+) -> Iterator[Connection]:
+    for buf, start, end, stride in _dump(sock, family, states, 1 << (INET_DIAG_INFO - 1), program):
+        for off, length in _replies(buf, start, end, stride):
+            yield _connection(buf, off, length, grace_ms)
+
+
+def _connection(buf: bytearray, off: int, length: int, grace_ms: float | None) -> Connection:
+    """One reply (struct inet_diag_msg, then attributes) as a judged Connection."""
+    msg = off + 16
+    family, state = buf[msg], buf[msg + 1]
+    sport, dport = struct.unpack_from(">HH", buf, msg + 4)
+    size = 4 if family == socket.AF_INET else 16
+    src = socket.inet_ntop(family, bytes(buf[msg + 8 : msg + 8 + size]))
+    dst = socket.inet_ntop(family, bytes(buf[msg + 24 : msg + 24 + size]))
+    (cookie,) = struct.unpack_from("=Q", buf, msg + 44)
+    rqueue, wqueue = _QUEUES.unpack_from(buf, off + _QUEUES_AT)
+    uid, inode = struct.unpack_from("=II", buf, msg + 64)
+    info_at = _find_tcp_info(buf, off + _REPLY_MIN, off + length)
+    if info_at < 0:
+        sent = received = segs_in = segs_out = 0  # unknown: the queues decide...
+        grace = None  # ...and ESTABLISHED stays active
+    else:
+        sent, received, segs_in, segs_out = _timers(buf, info_at)
+        grace = grace_ms
+    reason = judge(state, rqueue, wqueue, sent, received, grace, segs_in, segs_out)
+    return Connection((src, sport), (dst, dport), state, inode, uid, cookie, reason)
 
 
 def _add(tally: list[int] | None, state: int, n: int) -> None:
@@ -418,6 +612,16 @@ def _add(tally: list[int] | None, state: int, n: int) -> None:
         tally[1] += n
     elif state != TCP_LISTEN:
         tally[2] += n
+
+
+def _timers(buf: bytearray, at: int) -> tuple[int, int, int, int]:
+    """(last_data_sent, last_data_recv, data_segs_in, data_segs_out) of the INET_DIAG_INFO
+    attribute at `at` (checked by _is_tcp_info); the segment counts are 0 when it is too short."""
+    sent, received = _TCPI_LAST_DATA.unpack_from(buf, at + 4 + _TCPI_LAST_DATA_AT)
+    if _U16.unpack_from(buf, at)[0] - 4 >= _TCPI_SEGS_MIN:
+        segs_in, segs_out = _TCPI_DATA_SEGS.unpack_from(buf, at + 4 + _TCPI_DATA_SEGS_AT)
+        return sent, received, segs_in, segs_out
+    return sent, received, 0, 0
 
 
 def _is_tcp_info(buf: bytearray, at: int, end: int) -> bool:
@@ -598,7 +802,7 @@ _PROC_FILES = ("/proc/net/tcp", "/proc/net/tcp6")
 
 
 def _count_proc(ports: list[int]) -> dict[int, list[int]]:
-    tallies = {port: [0, 0, 0, 0] for port in ports}
+    tallies = {port: [0, 0, 0, 0, 0] for port in ports}
     for path in _PROC_FILES:
         _tally_proc_lines(_read_proc(path) or [], tallies)
     return tallies
@@ -622,7 +826,7 @@ def _tally_proc_lines(lines: Sequence[bytes], tallies: dict[int, list[int]]) -> 
     close_wait = b"%02X" % TCP_CLOSE_WAIT
     listen = b"%02X" % TCP_LISTEN
     for line in lines[1:]:
-        fields = line.split(None, 4)  # sl, local_address, rem_address, st, the rest
+        fields = line.split(None, 5)  # sl, local_address, rem_address, st, queues, the rest
         if len(fields) < 4:
             continue
         tally = by_hex.get(fields[1][-4:])
@@ -637,8 +841,22 @@ def _tally_proc_lines(lines: Sequence[bytes], tallies: dict[int, list[int]]) -> 
             tally[0] += 1
         elif state == close_wait:
             tally[1] += 1
+            # tx_queue:rx_queue, hex: bytes unacknowledged, bytes unread. With no timers here,
+            # a CLOSE_WAIT connection holds only while one of them is not empty (judge()).
+            if len(fields) > 4 and _close_wait_busy(fields[4]):
+                tally[4] += 1
         elif state != listen:
             tally[2] += 1
+
+
+def _close_wait_busy(queues: bytes) -> bool:
+    """From /proc/net/tcp's "tx_queue:rx_queue" (hex) of a CLOSE_WAIT socket: bytes
+    unacknowledged, or unread beyond the FIN's one (judge())."""
+    tx, _, rx = queues.partition(b":")
+    try:
+        return int(tx, 16) > 0 or int(rx, 16) > 1
+    except ValueError:
+        return False
 
 
 def _listening_inodes_proc() -> dict[int, int]:
@@ -706,7 +924,7 @@ def _socket_inodes(pid: int) -> Iterator[int]:
 def _count_psutil(ports: list[int]) -> dict[int, list[int]]:
     import psutil  # lazily: see the module docstring
 
-    tallies = {port: [0, 0, 0, 0] for port in ports}
+    tallies = {port: [0, 0, 0, 0, 0] for port in ports}
     try:
         connections = psutil.net_connections(kind="tcp")
     except psutil.Error as exc:

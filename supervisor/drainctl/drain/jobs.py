@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from drainctl.drain.connections import Counter, Counts
+    from drainctl.drain.discovery import Discovery
     from drainctl.drain.downcall import DownResult, ProbeResult
     from drainctl.drain.machine import Runner
     from drainctl.options import Config
@@ -25,7 +26,7 @@ def real_seams(
     config: Config,
     clock: Callable[[], float],
     runner: Runner,
-    lookup_ports: Callable[[], list[int]],
+    lookup_ports: Callable[[], list[int] | Discovery],
     send: Callable[[int, bool], int] | None = None,
     group_alive: Callable[[], bool] = lambda: False,
 ) -> Seams:
@@ -64,7 +65,7 @@ def real_seams(
                     downcall.probe_url(url, path), timeout=min(2.0, config.down_timeout)
                 )
 
-    def lookup() -> list[int]:
+    def lookup() -> list[int] | Discovery:
         faults.check("job:lookup")
         return lookup_ports()
 

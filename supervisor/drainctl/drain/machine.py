@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from typing import Any, Protocol, TypeVar
 
     from drainctl.drain.connections import Counts
+    from drainctl.drain.discovery import Discovery
     from drainctl.drain.downcall import DownResult, ProbeResult
     from drainctl.events import Events
     from drainctl.options import Config
@@ -97,7 +98,8 @@ class Seams:
         clock: Callable[[], float],
         runner: Runner,
         count: Callable[[Sequence[int], float | None], Counts],
-        lookup_ports: Callable[[], list[int]],  # the app's listening ports (auto mode)
+        # the app's listening ports (auto mode); a Discovery also says how they were found
+        lookup_ports: Callable[[], list[int] | Discovery],
         call_down: Callable[[float], DownResult] | None = None,  # arg: deadline on clock
         probe: Callable[[], ProbeResult] | None = None,
         send: Callable[[int, bool], int] | None = None,
@@ -142,6 +144,9 @@ class _Wait:
         self.zero_since: float | None = None
         self.last_event_at: float | None = None
         self.last_event_key: tuple[int, ...] | None = None
+        self.lookup_started_at = 0.0
+        self.warned = False  # a lookup's guess is logged once per drain
+        self.detail: str | None = None  # why the lookup found no ports
 
 
 class Record:
@@ -373,10 +378,12 @@ class Drain:
         self._stop_at = self.t0 + self._budget.stop_deadline
         self._enter(Phase.DELAY, "drain.started", trigger=trigger,
                     deadline_s=round(self._budget.stop_deadline, 3))
-        if self.seams.prepare is not None:
-            self.seams.runner.submit(self.seams.prepare, self._prepared)
         if self._wait.ports is None:
             self._lookup_ports()
+        # The warm-up hides imports in the delay; with no delay it would only compete with the
+        # lookup on the signal's path (and the first count pays for itself).
+        if self.seams.prepare is not None and self._budget.delay_end > 0:
+            self.seams.runner.submit(self.seams.prepare, self._prepared)
         self.tick()
 
     def _prepared(self, result: object) -> None:
@@ -463,9 +470,7 @@ class Drain:
         self._wait_until = self.t0 + self._budget.wait_deadline(now - self.t0)
         wait = self._wait
         wait.next_count_at = now
-        if wait.ports == [] and not wait.lookup_pending and wait.looked_up_at is not None and (
-            wait.looked_up_at < now
-        ):
+        if wait.ports == [] and not wait.lookup_pending and self._stale_lookup():
             self._lookup_ports()  # none at the trigger: the app may have opened one since
         self._tick_wait(now)
 
@@ -518,6 +523,8 @@ class Drain:
             close_wait = sum(c.close_wait for c in result.ports.values())
             if close_wait:
                 fields["close_wait"] = close_wait
+            if result.close_wait_busy:
+                fields["close_wait_busy"] = result.close_wait_busy
             self.events.emit("connections", **fields)
         if result.holding == 0:
             if wait.zero_since is None:
@@ -529,9 +536,10 @@ class Drain:
 
     def _lookup_ports(self) -> None:
         self._wait.lookup_pending = True
+        self._wait.lookup_started_at = self.seams.clock()
         self.seams.runner.submit(self.seams.lookup_ports, self._ports_found)
 
-    def _ports_found(self, result: list[int] | Exception) -> None:
+    def _ports_found(self, result: list[int] | Discovery | Exception) -> None:
         wait = self._wait
         wait.lookup_pending = False
         wait.lookups += 1
@@ -542,12 +550,23 @@ class Drain:
                 self._job_failed("lookup", result)
             wait.next_lookup_at = wait.looked_up_at + self.config.poll_interval
             return
+        if not isinstance(result, list):  # a Discovery: the ports and how they were found
+            if result.warning and not wait.warned:
+                wait.warned = True
+                self.events.emit("warning", message=result.warning)
+            wait.detail = result.detail
+            result = list(result.ports)
         wait.ports = sorted(result)
         if self.phase is Phase.WAITING:
-            if not wait.ports and wait.lookups < 2:
-                self._lookup_ports()
+            if not wait.ports and self._stale_lookup():
+                self._lookup_ports()  # none at the trigger: the app may have opened one since
             else:
                 self._tick_wait(self.seams.clock())
+
+    def _stale_lookup(self) -> bool:
+        """Whether the last lookup started before the delay ended (so the app had time since)."""
+        assert self.t0 is not None
+        return self._wait.lookup_started_at < self._offset(self._budget.delay_end)
 
     def _holding(self) -> int | None:
         last = self._wait.last
@@ -563,7 +582,10 @@ class Drain:
         last = self._wait.last
         count = 0 if reason == "no-ports" else (None if last is None else last.established)
         self.outcome = Outcome(reason, count, self._elapsed(self.seams.clock()))
-        fields = {"reason": reason, "count": count, "elapsed_s": self.outcome.elapsed_s}
+        fields: dict[str, Any] = {"reason": reason, "count": count,
+                                  "elapsed_s": self.outcome.elapsed_s}
+        if reason == "no-ports" and self._wait.detail:
+            fields["detail"] = self._wait.detail  # what the lookup saw: why no ports
         if reason == "child-exited":
             self._cleanup("drain.finished", fields)
         elif not self.supervising:

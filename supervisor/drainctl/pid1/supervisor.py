@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from typing import Protocol
 
+    from drainctl.drain.discovery import Discovery
     from drainctl.events import Events
     from drainctl.options import Config
     from drainctl.pid1.spawn import Child
@@ -168,11 +169,12 @@ class Supervisor:
     def _group_alive(self) -> bool:
         return self.child is not None and self.child.group_alive()
 
-    def _lookup_ports(self) -> list[int]:
-        from drainctl.drain.connections import listening_ports
+    def _lookup_ports(self) -> Discovery:
+        # Every process drainctl is responsible for, not only the app's tree (a daemonized
+        # server is re-parented to drainctl), with its fallbacks; no psutil (discovery.py).
+        from drainctl.drain.discovery import app_ports
 
-        assert self.child is not None
-        return listening_ports(self.child.pid)
+        return app_ports()
 
 
 class _Reaper:
