@@ -19,12 +19,14 @@ import pytest
 
 from tests.conftest import (
     IS_ROOT,
+    ROOT,
     Processes,
     app,
     drainctl_argv,
     inner_pid,
     wait_for,
 )
+from tests.startsignal import STATUS, odd_signal_state, signal_at_exec, signal_at_open
 
 MODES = [
     pytest.param(False, id="parent"),
@@ -265,29 +267,65 @@ def test_orphans_came_to_the_subreaper(procs: Processes) -> None:
 
 # ---- the signal state the app inherits ---------------------------------------------------------
 
-STATUS = (
-    "import sys\n"
-    "lines = open('/proc/self/status').read().splitlines()\n"
-    "print('\\n'.join(l for l in lines if l.startswith(('SigBlk', 'SigIgn'))), flush=True)\n"
-)
-
-
-def _odd_signal_state() -> None:
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGWINCH})
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGQUIT, signal.SIG_IGN)
-
-
+@pytest.mark.parametrize("pid1", MODES)
 @pytest.mark.parametrize("odd", [False, True], ids=["clean", "blocked-and-ignored"])
-def test_app_gets_the_signal_state_drainctl_inherited(procs: Processes, odd: bool) -> None:
-    preexec = _odd_signal_state if odd else None
+def test_app_gets_the_signal_state_drainctl_inherited(procs: Processes, odd: bool,
+                                                      pid1: bool) -> None:
+    # drainctl blocks every signal first thing (and the frozen binary's launcher before it
+    # unpacks): the app must still get the mask drainctl was started with, not that one.
+    preexec = odd_signal_state if odd else None
     reference = procs.start([sys.executable, "-c", STATUS], preexec=preexec)
     reference.wait()
-    proc = procs.drainctl("run", *NO_DRAIN, "--", sys.executable, "-c", STATUS, preexec=preexec)
+    proc = procs.drainctl("run", *NO_DRAIN, "--", sys.executable, "-c", STATUS, preexec=preexec,
+                          pid1=pid1)
     assert proc.wait() == 0
     assert proc.stdout() == reference.stdout()
     if odd:
         assert "SigBlk:\t0000000000000000" not in proc.stdout()
+
+
+@pytest.mark.parametrize("odd", [False, True], ids=["clean", "blocked-and-ignored"])
+def test_other_commands_run_with_the_inherited_mask(procs: Processes, odd: bool) -> None:
+    # Only `run` is PID 1 and keeps its signals blocked; `connections --watch`, `prestop`, `demo`
+    # are interrupted by Ctrl-C and must not hand a blocked mask to what they start.
+    preexec = odd_signal_state if odd else None
+    reference = procs.start([sys.executable, "-c", STATUS], preexec=preexec)
+    reference.wait()
+    given = dict(line.split(":\t") for line in reference.stdout().splitlines())
+    watch = procs.drainctl("connections", "--port", "1", "--watch", "--interval", "100ms",
+                           preexec=preexec)
+    wait_for(lambda: watch.stdout().count("\n") >= 2)
+    status = Path(f"/proc/{watch.pid}/status").read_text().splitlines()
+    blocked = [line.split(":\t")[1] for line in status if line.startswith("SigBlk")]
+    assert blocked == [given["SigBlk"]]
+    watch.signal(signal.SIGINT)
+    assert watch.wait(10) == 0
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root for a PID namespace")
+@pytest.mark.parametrize("odd", [False, True], ids=["clean", "blocked-and-ignored"])
+def test_a_sigterm_right_after_exec_is_not_lost(procs: Processes, odd: bool) -> None:
+    # PID 1 of a namespace: a signal with the default action is dropped by the kernel. One that
+    # came before drainctl had blocked its signals was lost, and drainctl ran on with the app
+    # until the runtime's SIGKILL. The frozen binary's launcher blocks them at its first
+    # instruction: the signal goes out the instant the process has exec'd. From source the
+    # interpreter's own start-up comes first: it goes out when drainctl opens its first module
+    # after the entry point (before this, it was lost until the supervisor's set-up).
+    proc = procs.drainctl("run", *NO_DRAIN, "--", "sleep", "30", pid1=True,
+                          preexec=odd_signal_state if odd else None)
+    started = time.monotonic()
+    if os.environ.get("DRAINCTL_BIN"):
+        signal_at_exec(proc.pid, signal.SIGTERM)
+    else:
+        package = ROOT / "supervisor" / "drainctl"
+        signal_at_open(proc.pid, [package, package / "__pycache__"], "commands.",
+                       signal.SIGTERM)
+    assert proc.wait(15) == 128 + signal.SIGTERM, proc.stderr()
+    assert time.monotonic() - started < 10
+    received = proc.wait_event("signal.received")
+    assert received["signal"] == "SIGTERM"
+    assert proc.wait_event("child.exited")["signal"] == "SIGTERM"  # the app got it
+    assert "_DRAINCTL_SIGMASK" not in proc.stderr()
 
 
 def test_descriptors_do_not_leak_into_the_app(procs: Processes) -> None:

@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 
-from drainctl import control, reaper, termination
+from drainctl import _startmask, control, reaper, termination
 from drainctl.child import Child, spawn
 from drainctl.drain import Drain, Phase, Seams
 from drainctl.signals import Inbox, SignalWaiter, block_all, signal_name
@@ -137,7 +137,12 @@ class Supervisor:
 
     def start(self) -> None:
         """Steps 1-3. Raises child.SpawnError when the app cannot be started."""
-        inherited_mask = block_all()
+        # The entry point blocked them already, first thing (_startmask); block_all() is for
+        # any other caller, and its result the inherited mask only when nothing was recorded.
+        blocked_before = block_all()
+        inherited_mask = _startmask.inherited()
+        if inherited_mask is None:
+            inherited_mask = frozenset(blocked_before)
         if os.getpid() != 1:
             failed = reaper.become_subreaper()
             if failed:

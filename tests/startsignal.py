@@ -1,0 +1,122 @@
+"""Signals sent the instant a process has exec'd, and the signal state a process sees.
+
+For the start-up tests of tests/test_run.py and tests/test_frozen.py: a SIGTERM that reaches PID 1
+before drainctl blocks its signals is dropped by the kernel (the default action, for the init of
+a PID namespace), so the test must hit that first moment after exec, not "some time later".
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import signal
+import struct
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import psutil
+
+# Prints the app's own mask and ignored set, as /proc/self/status shows them.
+STATUS = (
+    "import sys\n"
+    "lines = open('/proc/self/status').read().splitlines()\n"
+    "print('\\n'.join(l for l in lines if l.startswith(('SigBlk', 'SigIgn'))), flush=True)\n"
+)
+
+
+def odd_signal_state() -> None:
+    """A preexec: some signals blocked and some ignored, as a parent may hand them down."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGWINCH})
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+
+
+def _first_child(parent: int) -> int | None:
+    try:
+        with open(f"/proc/{parent}/task/{parent}/children") as f:
+            pids = f.read().split()
+    except FileNotFoundError:  # a kernel without CONFIG_PROC_CHILDREN
+        try:
+            pids = [str(c.pid) for c in psutil.Process(parent).children()]
+        except psutil.Error:
+            return None
+    except OSError:
+        return None
+    return int(pids[0]) if pids else None
+
+
+def _comm(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def signal_at_exec(parent: int, signo: int, timeout: float = 10.0) -> tuple[int, float]:
+    """Send `signo` to the first child of `parent` (e.g. `unshare --fork`) right after its exec.
+
+    Polls without sleeping: the child is seen as soon as it exists, and its exec as soon as its
+    name (comm) is no longer its parent's, which the kernel changes at execve(2). Returns the
+    child's pid and how long after its exec was seen the signal went out (seconds).
+    """
+    deadline = time.monotonic() + timeout
+    parent_name = _comm(parent)
+    child = None
+    while child is None:
+        child = _first_child(parent)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{parent} started no child within {timeout}s")
+    while True:
+        name = _comm(child)
+        if name is None:
+            raise AssertionError(f"{child} exited before it could be signalled")
+        if name != parent_name:
+            seen = time.monotonic()
+            os.kill(child, signo)
+            return child, time.monotonic() - seen
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{child} did not exec within {timeout}s")
+
+
+_IN_OPEN = 0x20  # inotify(7)
+_EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
+
+
+def signal_at_open(parent: int, directories: Sequence[Path], prefix: str, signo: int,
+                   timeout: float = 10.0) -> None:
+    """Send `signo` to the first child of `parent` when a file named `prefix`* in one of
+    `directories` is opened (inotify(7)): e.g. when the source's drainctl imports a module.
+
+    For the source: the interpreter's own start-up comes before any code of drainctl's, so "right
+    after exec" is not a moment drainctl can answer for; the import of its first module is.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "inotify_init1")
+    try:
+        for directory in directories:
+            if directory.is_dir() and libc.inotify_add_watch(
+                    fd, os.fsencode(directory), _IN_OPEN) < 0:
+                raise OSError(ctypes.get_errno(), f"inotify_add_watch {directory}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not select.select([fd], [], [], 0.1)[0]:
+                continue
+            buf = os.read(fd, 65536)
+            offset = 0
+            while offset < len(buf):
+                _wd, _mask, _cookie, size = _EVENT.unpack_from(buf, offset)
+                name = buf[offset + _EVENT.size : offset + _EVENT.size + size].rstrip(b"\0")
+                offset += _EVENT.size + size
+                if name.decode(errors="replace").startswith(prefix):
+                    child = _first_child(parent)
+                    assert child is not None, f"{parent} has no child"
+                    os.kill(child, signo)
+                    return
+        raise AssertionError(f"no {prefix}* opened within {timeout}s")
+    finally:
+        os.close(fd)
