@@ -55,43 +55,22 @@ def _comm(pid: int) -> str | None:
         return None
 
 
-def signal_at_exec(parent: int, signo: int, timeout: float = 10.0) -> tuple[int, float]:
-    """Send `signo` to the first child of `parent` (e.g. `unshare --fork`) right after its exec.
-
-    Polls without sleeping: the child is seen as soon as it exists, and its exec as soon as its
-    name (comm) is no longer its parent's, which the kernel changes at execve(2). Returns the
-    child's pid and how long after its exec was seen the signal went out (seconds).
-    """
-    deadline = time.monotonic() + timeout
-    parent_name = _comm(parent)
-    child = None
-    while child is None:
-        child = _first_child(parent)
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{parent} started no child within {timeout}s")
-    while True:
-        name = _comm(child)
-        if name is None:
-            raise AssertionError(f"{child} exited before it could be signalled")
-        if name != parent_name:
-            seen = time.monotonic()
-            os.kill(child, signo)
-            return child, time.monotonic() - seen
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{child} did not exec within {timeout}s")
-
-
-_IN_OPEN = 0x20  # inotify(7)
+IN_OPEN = 0x20  # inotify(7)
+IN_CREATE = 0x100
 _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
 
 
-def signal_at_open(parent: int, directories: Sequence[Path], prefix: str, signo: int,
-                   timeout: float = 10.0) -> None:
-    """Send `signo` to the first child of `parent` when a file named `prefix`* in one of
-    `directories` is opened (inotify(7)): e.g. when the source's drainctl imports a module.
+def signal_at(parent: int, directories: Sequence[Path], prefix: str, signo: int,
+              events: int = IN_OPEN, timeout: float = 10.0) -> None:
+    """Send `signo` to the first child of `parent` (`unshare --fork`'s: the namespace's PID 1)
+    the instant a file named `prefix`* in one of `directories` is opened (IN_OPEN) or created
+    (IN_CREATE), as inotify(7) reports it.
 
-    For the source: the interpreter's own start-up comes before any code of drainctl's, so "right
-    after exec" is not a moment drainctl can answer for; the import of its first module is.
+    Why not "right after exec": a signal sent while execve(2) itself is still under way reaches
+    a process that cannot have blocked anything yet, whatever it does first. These are the first
+    things drainctl does that a test can see: the launcher creates its directory in the runtime
+    directory; the source's entry point imports its first module after the interpreter's own
+    start-up.
     """
     libc = ctypes.CDLL(None, use_errno=True)
     fd = libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -100,7 +79,7 @@ def signal_at_open(parent: int, directories: Sequence[Path], prefix: str, signo:
     try:
         for directory in directories:
             if directory.is_dir() and libc.inotify_add_watch(
-                    fd, os.fsencode(directory), _IN_OPEN) < 0:
+                    fd, os.fsencode(directory), events) < 0:
                 raise OSError(ctypes.get_errno(), f"inotify_add_watch {directory}")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -117,6 +96,6 @@ def signal_at_open(parent: int, directories: Sequence[Path], prefix: str, signo:
                     assert child is not None, f"{parent} has no child"
                     os.kill(child, signo)
                     return
-        raise AssertionError(f"no {prefix}* opened within {timeout}s")
+        raise AssertionError(f"no {prefix}* opened or created within {timeout}s")
     finally:
         os.close(fd)

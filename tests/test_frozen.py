@@ -25,6 +25,7 @@ import pytest
 
 from tests.conftest import APPS, IS_ROOT, ROOT, Processes, inner_pid, needs_unshare, wait_for
 from tests.frozen import frozen_binary
+from tests.startsignal import IN_CREATE, STATUS, odd_signal_state, signal_at
 
 EXIT_LAUNCHER = 125
 TRAILER = struct.Struct("<32s64s32sQQ8s")  # build/launcher.c's struct trailer
@@ -146,6 +147,51 @@ def test_drainctl_itself_is_pid_1_and_reaps_every_orphan(binary: Path, procs: Pr
 
     os.kill(pid1, signal.SIGTERM)
     assert proc.wait(15) == 128 + signal.SIGTERM
+
+
+# ---- signals at start-up -------------------------------------------------------------------------
+
+
+@needs_unshare
+def test_a_sigterm_during_the_first_unpack_is_not_lost(binary: Path, runtime_dir: Path,
+                                                       procs: Processes) -> None:
+    # As PID 1 a signal with the default action is dropped by the kernel: one that came while the
+    # launcher unpacked (a few hundred ms on the first start) was lost, and drainctl ran on until
+    # the runtime's SIGKILL. The launcher blocks every signal first: it waits for drainctl.
+    # Sent as the launcher creates its directory, i.e. as the unpack starts.
+    proc = procs.start(["unshare", "--pid", "--fork", "--mount-proc", str(binary), "run",
+                        "--delay", "0", "--", "sleep", "30"],
+                       env={"DRAINCTL_RUNTIME_DIR": str(runtime_dir)}, preexec=odd_signal_state)
+    started = time.monotonic()
+    signal_at(proc.pid, [runtime_dir], "drainctl-", signal.SIGTERM, events=IN_CREATE)
+    assert proc.wait(20) == 128 + signal.SIGTERM, proc.stderr()
+    assert time.monotonic() - started < 15
+    assert proc.wait_event("signal.received")["signal"] == "SIGTERM"
+    assert proc.wait_event("child.exited")["signal"] == "SIGTERM"
+    assert len(bundles(runtime_dir)) == 1  # it was the first start: it did unpack
+
+
+@needs_unshare
+@pytest.mark.parametrize("odd", [False, True], ids=["clean", "blocked-and-ignored"])
+def test_the_app_gets_the_mask_drainctl_was_started_with(binary: Path, procs: Processes,
+                                                         odd: bool) -> None:
+    # The launcher runs Python with every signal blocked; the app must not inherit that.
+    preexec = odd_signal_state if odd else None
+    reference = procs.start([sys.executable, "-c", STATUS], preexec=preexec)
+    reference.wait()
+    proc = procs.start(["unshare", "--pid", "--fork", "--mount-proc", str(binary), "run",
+                        "--delay", "0", "--", sys.executable, "-c", STATUS], preexec=preexec)
+    assert proc.wait(30) == 0, proc.stderr()
+    assert proc.stdout() == reference.stdout()
+    # and other commands run with it too (Ctrl-C interrupts them)
+    watch = procs.start([str(binary), "connections", "--port", "1", "--watch", "--interval",
+                         "100ms"], preexec=preexec)
+    wait_for(lambda: watch.stdout().count("\n") >= 2, timeout=30)
+    status = Path(f"/proc/{watch.pid}/status").read_text()
+    assert [line for line in status.splitlines() if line.startswith("SigBlk")] == [
+        line for line in reference.stdout().splitlines() if line.startswith("SigBlk")]
+    watch.signal(signal.SIGINT)
+    assert watch.wait(10) == 0
 
 
 # ---- unpacking -----------------------------------------------------------------------------------

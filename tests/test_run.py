@@ -26,7 +26,7 @@ from tests.conftest import (
     inner_pid,
     wait_for,
 )
-from tests.startsignal import STATUS, odd_signal_state, signal_at_exec, signal_at_open
+from tests.startsignal import IN_CREATE, STATUS, odd_signal_state, signal_at
 
 MODES = [
     pytest.param(False, id="parent"),
@@ -304,22 +304,25 @@ def test_other_commands_run_with_the_inherited_mask(procs: Processes, odd: bool)
 
 @pytest.mark.skipif(not IS_ROOT, reason="needs root for a PID namespace")
 @pytest.mark.parametrize("odd", [False, True], ids=["clean", "blocked-and-ignored"])
-def test_a_sigterm_right_after_exec_is_not_lost(procs: Processes, odd: bool) -> None:
+def test_a_sigterm_right_after_exec_is_not_lost(procs: Processes, odd: bool,
+                                                tmp_path: Path) -> None:
     # PID 1 of a namespace: a signal with the default action is dropped by the kernel. One that
     # came before drainctl had blocked its signals was lost, and drainctl ran on with the app
-    # until the runtime's SIGKILL. The frozen binary's launcher blocks them at its first
-    # instruction: the signal goes out the instant the process has exec'd. From source the
-    # interpreter's own start-up comes first: it goes out when drainctl opens its first module
-    # after the entry point (before this, it was lost until the supervisor's set-up).
+    # until the runtime's SIGKILL. The frozen binary's launcher blocks them before anything
+    # else: the signal goes out as it starts its first unpack. From source the interpreter's own
+    # start-up comes first: it goes out when drainctl opens its first module after the entry
+    # point (until now, signals were blocked only in the supervisor's set-up, after the imports).
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
     proc = procs.drainctl("run", *NO_DRAIN, "--", "sleep", "30", pid1=True,
-                          preexec=odd_signal_state if odd else None)
+                          preexec=odd_signal_state if odd else None,
+                          env={"DRAINCTL_RUNTIME_DIR": str(runtime)})
     started = time.monotonic()
     if os.environ.get("DRAINCTL_BIN"):
-        signal_at_exec(proc.pid, signal.SIGTERM)
+        signal_at(proc.pid, [runtime], "drainctl-", signal.SIGTERM, events=IN_CREATE)
     else:
         package = ROOT / "supervisor" / "drainctl"
-        signal_at_open(proc.pid, [package, package / "__pycache__"], "commands.",
-                       signal.SIGTERM)
+        signal_at(proc.pid, [package, package / "__pycache__"], "commands.", signal.SIGTERM)
     assert proc.wait(15) == 128 + signal.SIGTERM, proc.stderr()
     assert time.monotonic() - started < 10
     received = proc.wait_event("signal.received")
