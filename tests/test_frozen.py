@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -308,3 +309,85 @@ def test_a_non_root_user_unpacks_into_a_directory_of_its_own(binary: Path) -> No
         assert own.stat().st_uid == 65534 and own.stat().st_mode & 0o777 == 0o700
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_temporaries_of_an_unpack_killed_midway_are_removed_on_the_next_start(
+        binary: Path, runtime_dir: Path, procs: Processes) -> None:
+    # An OOM kill or the runtime's SIGKILL while the first start unpacks: its temporary (26 MiB
+    # on a tmpfs, charged to the pod) must not stay. One being unpacked right now must.
+    top = runtime_dir / f"drainctl-{os.geteuid()}"
+    top.mkdir(mode=0o700)
+    env = {"DRAINCTL_RUNTIME_DIR": str(runtime_dir)}
+    killed = procs.start(["unshare", "--pid", "--fork", str(binary), "--version"], env=env)
+    signal_at(killed.pid, [top], ".", signal.SIGKILL, events=IN_CREATE)
+    killed.wait(10)
+    left = [p.name for p in top.iterdir()]
+    assert len(left) == 1 and left[0].startswith("."), left  # killed mid-unpack
+    # A temporary someone is unpacking into holds its flock: left alone.
+    busy = top / ".0123456789abcdef0123456789abcdef.7.0000000000000001"
+    busy.mkdir()
+    held = os.open(busy, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        import fcntl
+
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert run(binary, "--version", env=dict(os.environ, **env)).returncode == 0
+        remaining = sorted(p.name for p in top.iterdir())
+        assert remaining == sorted([busy.name, *[p.name for p in bundles(runtime_dir)
+                                                 if not p.name.startswith(".")]])
+        assert len(remaining) == 2
+    finally:
+        os.close(held)
+
+
+# ---- the runtime directory removed under PID 1 ------------------------------------------------
+
+
+@needs_unshare
+@pytest.mark.parametrize("case", ["put-back", "cannot-put-back"])
+def test_the_drain_works_after_the_runtime_directory_is_removed(
+        binary: Path, runtime_dir: Path, procs: Processes, case: str) -> None:
+    # A tmp cleaner or a sidecar sharing the emptyDir removes the unpacked bundle while PID 1
+    # runs; the drain loads its modules (counter, psutil, httpx) only when it starts. Before,
+    # each job died on import: `timeout`, count null, the app stopped with connections open.
+    from tests.traffic import free_port, signal_time
+
+    port = free_port()
+    extra = ("--port", str(port)) if case == "cannot-put-back" else ()
+    proc = procs.start(["unshare", "--pid", "--fork", "--mount-proc", str(binary), "run",
+                        "--delay", "0.2", "--settle", "0.2", "--grace-period", "20",
+                        *extra, "--", sys.executable, str(APPS / "httpapp.py"), "--port",
+                        str(port)], env={"DRAINCTL_RUNTIME_DIR": str(runtime_dir)})
+    proc.wait_output("listening", timeout=30)
+    client = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert client.recv(4096).startswith(b"HTTP/1.1 200")
+        top = runtime_dir / f"drainctl-{os.geteuid()}"
+        shutil.rmtree(top)
+        if case == "cannot-put-back":
+            top.mkdir(mode=0o755)  # the launcher refuses a directory others could enter
+        os.kill(inner_pid(proc), signal.SIGTERM)
+        counted = wait_for(lambda: [e for e in proc.events()
+                                    if e["event"] == "connections" and e["count"] >= 1],
+                           timeout=15)
+        assert port in counted[0]["ports"]
+        time.sleep(0.5)
+        assert proc.popen.poll() is None, "stopped with the connection open"
+        assert signal_time(proc, "SIGTERM") is None
+    finally:
+        closed_at = time.time()
+        client.close()
+    assert proc.wait(20) == 128 + signal.SIGTERM, proc.stderr()
+    finished = proc.wait_event("drain.finished")
+    assert (finished["reason"], finished["count"]) == ("drained", 0)
+    stopped = signal_time(proc, "SIGTERM")
+    assert stopped is not None and stopped >= closed_at
+    warnings = [e["message"] for e in proc.events() if e["event"] == "warning"
+                and "unpacked bundle" in e["message"]]
+    assert len(warnings) == 1, proc.stderr()
+    if case == "put-back":
+        assert "unpacked it again" in warnings[0]
+        assert len(bundles(runtime_dir)) == 1
+    else:
+        assert "could not be unpacked again" in warnings[0] and "/proc/net/tcp" in warnings[0]

@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 
-from drainctl import _startmask, control, reaper, termination
+from drainctl import _bundle, _startmask, control, reaper, termination
 from drainctl.child import Child, spawn
 from drainctl.drain import Drain, Phase, Seams
 from drainctl.signals import Inbox, SignalWaiter, block_all, signal_name
@@ -44,17 +44,27 @@ _AFTER_KILL = 2.0
 
 
 class ThreadRunner:
-    """Runs each job in a daemon thread; its result comes back to the loop through the inbox."""
+    """Runs each job in a daemon thread; its result comes back to the loop through the inbox.
 
-    def __init__(self, inbox: Inbox) -> None:
+    `warn(message)` runs in the loop when a job had to put the frozen binary's bundle back first
+    (see _bundle: the jobs import what the drain needs from it).
+    """
+
+    def __init__(self, inbox: Inbox, warn: Callable[[str], object] | None = None) -> None:
         self._inbox = inbox
+        self._warn = warn
 
     def submit(self, work: Callable[[], T], done: Callable[[T | Exception], None]) -> None:
         def job() -> None:
             try:
+                restored = _bundle.ensure()
+                if restored is not None and self._warn is not None:
+                    self._inbox.put("job", (self._warn, restored))
                 result: T | Exception = work()
             except Exception as exc:
                 result = exc
+            except SystemExit as exc:  # PyInstaller's importer, when its bundle is gone: _bundle
+                result = ImportError(f"SystemExit: {exc}")
             self._inbox.put("job", (done, result))
 
         threading.Thread(target=job, name="drainctl-job", daemon=True).start()
@@ -71,8 +81,12 @@ def drain_seams(
 
     def count(ports: Sequence[int], idle_grace: float | None) -> Counts:
         if not counter:
-            from drainctl.connections import make_counter
-
+            try:
+                from drainctl.connections import make_counter
+            except (ImportError, SystemExit):
+                if not _bundle.FROZEN:
+                    raise
+                return _bundle.fallback_count(list(ports))  # type: ignore[return-value]
             counter.append(make_counter())
         return counter[0].count(ports, idle_grace)
 
@@ -152,7 +166,8 @@ class Supervisor:
             self.events.emit("config.warning", message=problem)
         self.child = child = spawn(self.argv, inherited_mask)
         self.events.emit("child.started", pid=child.pid, argv=self.argv)
-        runner = ThreadRunner(self.inbox)
+        runner = ThreadRunner(self.inbox, lambda message: self.events.emit("warning",
+                                                                         message=message))
         seams = drain_seams(self.config, self.clock, runner,
                             lambda: _lookup_ports(child.pid))
         seams.stop = self._send_stop
@@ -321,6 +336,11 @@ class Supervisor:
 
 
 def _lookup_ports(pid: int) -> list[int]:
-    from drainctl.connections import listening_ports
+    try:
+        from drainctl.connections import listening_ports
 
-    return listening_ports(pid)
+        return listening_ports(pid)
+    except (ImportError, SystemExit):  # the frozen bundle is gone: see _bundle
+        if not _bundle.FROZEN:
+            raise
+        return _bundle.fallback_listening_ports()
