@@ -9,6 +9,7 @@ Skipped when there is no binary; in CI (CI set) a missing binary fails instead.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -311,6 +312,7 @@ def test_a_non_root_user_unpacks_into_a_directory_of_its_own(binary: Path) -> No
         shutil.rmtree(base, ignore_errors=True)
 
 
+@needs_unshare
 def test_temporaries_of_an_unpack_killed_midway_are_removed_on_the_next_start(
         binary: Path, runtime_dir: Path, procs: Processes) -> None:
     # An OOM kill or the runtime's SIGKILL while the first start unpacks: its temporary (26 MiB
@@ -328,8 +330,6 @@ def test_temporaries_of_an_unpack_killed_midway_are_removed_on_the_next_start(
     busy.mkdir()
     held = os.open(busy, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        import fcntl
-
         fcntl.flock(held, fcntl.LOCK_EX)
         assert run(binary, "--version", env=dict(os.environ, **env)).returncode == 0
         remaining = sorted(p.name for p in top.iterdir())
