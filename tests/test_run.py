@@ -302,6 +302,16 @@ def test_other_commands_run_with_the_inherited_mask(procs: Processes, odd: bool)
     assert watch.wait(10) == 0
 
 
+def test_ctrl_c_interrupts_a_standalone_prestop(procs: Processes) -> None:
+    # prestop is the hook, not PID 1: its signals are not kept blocked.
+    hook = procs.drainctl("prestop", "--delay", "30", "--port", "1",
+                          env={"DRAINCTL_CONTROL_SOCKET": f"@drainctl-test-{os.getpid()}-none"})
+    hook.wait_event("drain.started")
+    hook.signal(signal.SIGINT)
+    assert hook.wait(10) == 130
+    assert "interrupted" in hook.stderr()
+
+
 @pytest.mark.skipif(not IS_ROOT, reason="needs root for a PID namespace")
 @pytest.mark.parametrize("odd", [False, True], ids=["clean", "blocked-and-ignored"])
 def test_a_sigterm_right_after_exec_is_not_lost(procs: Processes, odd: bool,
