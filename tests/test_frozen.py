@@ -340,6 +340,20 @@ def test_temporaries_of_an_unpack_killed_midway_are_removed_on_the_next_start(
         os.close(held)
 
 
+def test_a_bundle_with_files_removed_is_replaced_by_the_next_start(binary: Path,
+                                                                   runtime_dir: Path) -> None:
+    # tmp cleaners remove old files before (empty) directories: a directory is not a bundle.
+    env = dict(os.environ, DRAINCTL_RUNTIME_DIR=str(runtime_dir))
+    assert run(binary, "--version", env=env).returncode == 0
+    [bundle] = bundles(runtime_dir)
+    before = bundle.stat().st_ino
+    (bundle / "drainctl").unlink()
+    result = run(binary, "--version", env=env)
+    assert result.returncode == 0 and result.stdout.startswith("drainctl "), result.stderr
+    assert bundles(runtime_dir) == [bundle]  # the damaged copy is gone, not left beside
+    assert bundle.stat().st_ino != before and (bundle / "drainctl").is_file()
+
+
 # ---- the runtime directory removed under PID 1 ------------------------------------------------
 
 
