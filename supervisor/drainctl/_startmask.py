@@ -7,8 +7,8 @@ catchable signal first of all, before any other import; a blocked signal stays p
 supervisor's signal thread takes it. The frozen binary's launcher (build/launcher.c) blocks them
 even earlier, before it unpacks, and passes the mask it was started with in _DRAINCTL_SIGMASK.
 
-The app must still get exactly the mask drainctl inherited (README: "the signal state it
-inherited"), so that mask is recorded here: `inherited()`. Only `os`, `signal` and `sys` are
+The app must still get "exactly the signal mask ... drainctl inherited" (README, `drainctl run`
+as PID 1), so that mask is recorded here: `inherited()`. Only `os`, `signal` and `sys` are
 imported (already loaded by the interpreter's start-up), and nothing of drainctl's.
 """
 
