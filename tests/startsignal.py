@@ -60,32 +60,43 @@ IN_CREATE = 0x100
 _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
 
 
-def signal_at(parent: int, directories: Sequence[Path], prefix: str, signo: int,
-              events: int = IN_OPEN, timeout: float = 10.0) -> None:
-    """Send `signo` to the first child of `parent` (`unshare --fork`'s: the namespace's PID 1)
-    the instant a file named `prefix`* in one of `directories` is opened (IN_OPEN) or created
-    (IN_CREATE), as inotify(7) reports it.
+class FileEvents:
+    """An inotify(7) watch on `directories`, set up before the process to watch is started
+    (else its first steps can come before the watch). Use as a context manager."""
 
-    Why not "right after exec": a signal sent while execve(2) itself is still under way reaches
-    a process that cannot have blocked anything yet, whatever it does first. These are the first
-    things drainctl does that a test can see: the launcher creates its directory in the runtime
-    directory; the source's entry point imports its first module after the interpreter's own
-    start-up.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
-    if fd < 0:
-        raise OSError(ctypes.get_errno(), "inotify_init1")
-    try:
+    def __init__(self, directories: Sequence[Path], events: int = IN_OPEN) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
         for directory in directories:
             if directory.is_dir() and libc.inotify_add_watch(
-                    fd, os.fsencode(directory), events) < 0:
+                    self.fd, os.fsencode(directory), events) < 0:
+                os.close(self.fd)
                 raise OSError(ctypes.get_errno(), f"inotify_add_watch {directory}")
+
+    def __enter__(self) -> FileEvents:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+    def signal_at(self, parent: int, prefix: str, signo: int, timeout: float = 10.0) -> None:
+        """Send `signo` to the first child of `parent` (`unshare --fork`'s: the namespace's
+        PID 1) the instant a file named `prefix`* in the watched directories is opened
+        (IN_OPEN) or created (IN_CREATE).
+
+        Why not "right after exec": a signal sent while execve(2) itself is still under way
+        reaches a process that cannot have blocked anything yet, whatever it does first. These
+        are the first things drainctl does that a test can see: the launcher creates its
+        directory in the runtime directory; the source's entry point imports its first module
+        after the interpreter's own start-up.
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not select.select([fd], [], [], 0.1)[0]:
+            if not select.select([self.fd], [], [], 0.1)[0]:
                 continue
-            buf = os.read(fd, 65536)
+            buf = os.read(self.fd, 65536)
             offset = 0
             while offset < len(buf):
                 _wd, _mask, _cookie, size = _EVENT.unpack_from(buf, offset)
@@ -97,5 +108,3 @@ def signal_at(parent: int, directories: Sequence[Path], prefix: str, signo: int,
                     os.kill(child, signo)
                     return
         raise AssertionError(f"no {prefix}* opened or created within {timeout}s")
-    finally:
-        os.close(fd)

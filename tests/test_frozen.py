@@ -27,7 +27,7 @@ import pytest
 
 from tests.conftest import APPS, IS_ROOT, ROOT, Processes, inner_pid, needs_unshare, wait_for
 from tests.frozen import frozen_binary
-from tests.startsignal import IN_CREATE, STATUS, odd_signal_state, signal_at
+from tests.startsignal import IN_CREATE, STATUS, FileEvents, odd_signal_state
 
 EXIT_LAUNCHER = 125
 TRAILER = struct.Struct("<32s64s32sQQ8s")  # build/launcher.c's struct trailer
@@ -161,11 +161,13 @@ def test_a_sigterm_during_the_first_unpack_is_not_lost(binary: Path, runtime_dir
     # launcher unpacked (a few hundred ms on the first start) was lost, and drainctl ran on until
     # the runtime's SIGKILL. The launcher blocks every signal first: it waits for drainctl.
     # Sent as the launcher creates its directory, i.e. as the unpack starts.
-    proc = procs.start(["unshare", "--pid", "--fork", "--mount-proc", str(binary), "run",
-                        "--delay", "0", "--", "sleep", "30"],
-                       env={"DRAINCTL_RUNTIME_DIR": str(runtime_dir)}, preexec=odd_signal_state)
-    started = time.monotonic()
-    signal_at(proc.pid, [runtime_dir], "drainctl-", signal.SIGTERM, events=IN_CREATE)
+    with FileEvents([runtime_dir], IN_CREATE) as watch:
+        proc = procs.start(["unshare", "--pid", "--fork", "--mount-proc", str(binary), "run",
+                            "--delay", "0", "--", "sleep", "30"],
+                           env={"DRAINCTL_RUNTIME_DIR": str(runtime_dir)},
+                           preexec=odd_signal_state)
+        started = time.monotonic()
+        watch.signal_at(proc.pid, "drainctl-", signal.SIGTERM)
     assert proc.wait(20) == 128 + signal.SIGTERM, proc.stderr()
     assert time.monotonic() - started < 15
     assert proc.wait_event("signal.received")["signal"] == "SIGTERM"
@@ -320,8 +322,9 @@ def test_temporaries_of_an_unpack_killed_midway_are_removed_on_the_next_start(
     top = runtime_dir / f"drainctl-{os.geteuid()}"
     top.mkdir(mode=0o700)
     env = {"DRAINCTL_RUNTIME_DIR": str(runtime_dir)}
-    killed = procs.start(["unshare", "--pid", "--fork", str(binary), "--version"], env=env)
-    signal_at(killed.pid, [top], ".", signal.SIGKILL, events=IN_CREATE)
+    with FileEvents([top], IN_CREATE) as watch:
+        killed = procs.start(["unshare", "--pid", "--fork", str(binary), "--version"], env=env)
+        watch.signal_at(killed.pid, ".", signal.SIGKILL)
     killed.wait(10)
     left = [p.name for p in top.iterdir()]
     assert len(left) == 1 and left[0].startswith("."), left  # killed mid-unpack

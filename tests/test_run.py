@@ -26,7 +26,7 @@ from tests.conftest import (
     inner_pid,
     wait_for,
 )
-from tests.startsignal import IN_CREATE, STATUS, odd_signal_state, signal_at
+from tests.startsignal import IN_CREATE, IN_OPEN, STATUS, FileEvents, odd_signal_state
 
 MODES = [
     pytest.param(False, id="parent"),
@@ -324,15 +324,16 @@ def test_a_sigterm_right_after_exec_is_not_lost(procs: Processes, odd: bool,
     # point (until now, signals were blocked only in the supervisor's set-up, after the imports).
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o700)
-    proc = procs.drainctl("run", *NO_DRAIN, "--", "sleep", "30", pid1=True,
-                          preexec=odd_signal_state if odd else None,
-                          env={"DRAINCTL_RUNTIME_DIR": str(runtime)})
-    started = time.monotonic()
-    if os.environ.get("DRAINCTL_BIN"):
-        signal_at(proc.pid, [runtime], "drainctl-", signal.SIGTERM, events=IN_CREATE)
-    else:
-        package = ROOT / "supervisor" / "drainctl"
-        signal_at(proc.pid, [package, package / "__pycache__"], "commands.", signal.SIGTERM)
+    package = ROOT / "supervisor" / "drainctl"
+    frozen = bool(os.environ.get("DRAINCTL_BIN"))
+    watch = FileEvents([runtime], IN_CREATE) if frozen else FileEvents(
+        [package, package / "__pycache__"], IN_OPEN)
+    with watch:
+        proc = procs.drainctl("run", *NO_DRAIN, "--", "sleep", "30", pid1=True,
+                              preexec=odd_signal_state if odd else None,
+                              env={"DRAINCTL_RUNTIME_DIR": str(runtime)})
+        started = time.monotonic()
+        watch.signal_at(proc.pid, "drainctl-" if frozen else "commands.", signal.SIGTERM)
     assert proc.wait(15) == 128 + signal.SIGTERM, proc.stderr()
     assert time.monotonic() - started < 10
     received = proc.wait_event("signal.received")

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drainctl import _bundle, _startmask
@@ -25,11 +25,13 @@ def launcher_format(signals: set[int]) -> str:
     return f"{sum(1 << (n - 1) for n in signals):016x}"
 
 
+@settings(deadline=None)  # the CI machine is shared: no per-example time limit
 @given(st.sets(st.integers(1, 64)))
 def test_the_launchers_record_reads_back_as_the_same_signals(signals: set[int]) -> None:
     assert _startmask.parse(launcher_format(signals)) == frozenset(signals)
 
 
+@settings(deadline=None)
 @given(st.text(max_size=20))
 def test_anything_else_is_no_record(text: str) -> None:
     parsed = _startmask.parse(text)
