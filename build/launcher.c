@@ -345,13 +345,15 @@ static void try_base(const char *base, int self, const struct trailer *t, char *
                 return;
             }
             lock = open(temp, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-            if (lock < 0 || flock(lock, LOCK_EX) < 0) {
-                note("%s: cannot lock %s (%s)", base, temp, strerror(errno));
-                if (lock >= 0)
-                    close(lock);
+            if (lock < 0) {
+                note("%s: cannot open %s (%s)", base, temp, strerror(errno));
                 remove_tree(temp);
                 return;
             }
+            /* A file system without flock(2) (some FUSE ones): unpack unlocked. The clean-up
+             * cannot lock anything there either, so it removes nothing. */
+            if (flock(lock, LOCK_EX) < 0)
+                break;
             /* Another start's clean-up can have taken it for stale between our mkdir and
              * flock, and removed it (it holds the lock until it is gone): take a new name. */
             if (fstat(lock, &st) < 0 || st.st_nlink == 0) {
