@@ -8,7 +8,9 @@
  *   2. <base>/drainctl-<uid>/<bundle id>/ already there (a previous start in this container,
  *      e.g. `run` before `prestop`): use it; else unpack into a private temporary directory and
  *      rename(2) it into place, so a reader never sees half a bundle and two starters cannot
- *      collide (the loser of the rename removes its copy);
+ *      collide (the loser of the rename removes its copy). A bundle whose program or loader
+ *      is gone (a tmp cleaner) is replaced; temporaries of starts killed midway (flock(2)ed by
+ *      their owner while it lives) are removed;
  *   3. execv(2) the bundle's program through the bundle's loader, with our arguments and our
  *      environment plus two variables of ours (below), which the bundle takes out again.
  * exec, not fork: the Python side *is* this process, so it is PID 1 and gets the signals and
@@ -30,18 +32,31 @@
  * "NAME=VALUE\0"..., empty when there were none), and child.child_environ puts them back.
  * _DRAINCTL_LAUNCHER carries our argv[0] (e.g. /drainctl) to build/rthook_launcher.py.
  *
+ * Signals: as PID 1, a signal whose action is the default is dropped by the kernel, so a SIGTERM
+ * during the unpack or Python's start-up would be lost and the container would run until the
+ * runtime's SIGKILL. The first thing main() does is block every catchable signal; the blocked
+ * mask survives execve(2) (signal(7)), so such a signal waits, pending, until drainctl's Python
+ * takes it. The mask we were started with goes to Python in _DRAINCTL_SIGMASK (hex, bit n-1 for
+ * signal n, as SigBlk in /proc/PID/status), and the app gets exactly that one.
+ *
+ * _DRAINCTL_UNPACK_ONLY=1: unpack (or find the bundle) and exit 0 instead of exec'ing it. drainctl
+ * runs it when the unpacked bundle was removed under it (a tmp cleaner), to put it back.
+ *
  * Failure is one line on stderr and exit 125 (the runtime's own failure, as `docker run`).
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <dirent.h>
 #include <ftw.h>
 #include <limits.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -239,6 +254,44 @@ static int is_dir(const char *path)
     return lstat(path, &st) == 0 && S_ISDIR(st.st_mode);
 }
 
+/* The bundle is there and usable: a directory alone is not enough, a tmp cleaner removes files
+ * (by age) before directories. */
+static int is_complete(const char *program, const char *loader)
+{
+    struct stat st;
+    return stat(program, &st) == 0 && S_ISREG(st.st_mode) && stat(loader, &st) == 0 &&
+           S_ISREG(st.st_mode);
+}
+
+/* Leftovers of starts killed while unpacking (an OOM kill, the runtime's SIGKILL): any
+ * dot-directory in <base>/drainctl-<uid> that nobody holds locked. A start that is unpacking holds
+ * its temporary flock(2)ed, and the kernel drops the lock when that process dies. */
+static void remove_stale_temporaries(const char *top)
+{
+    DIR *dir = opendir(top);
+    if (!dir)
+        return;
+    struct dirent *entry;
+    while ((entry = readdir(dir)) != NULL) {
+        const char *name = entry->d_name;
+        if (name[0] != '.' || strcmp(name, ".") == 0 || strcmp(name, "..") == 0)
+            continue;
+        char path[PATH_MAX];
+        if (strlen(top) + strlen(name) + 2 > sizeof(path))
+            continue;
+        snprintf(path, sizeof(path), "%s/%s", top, name);
+        int fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0)
+            continue;
+        if (flock(fd, LOCK_EX | LOCK_NB) == 0)
+            remove_tree(path); /* under the lock: its owner, were it alive, would retry */
+        close(fd);
+    }
+    closedir(dir);
+}
+
+static int unpack_only; /* _DRAINCTL_UNPACK_ONLY=1: see the top of this file */
+
 /* Try one base directory; returns only if it cannot be used (the reason is noted). */
 static void try_base(const char *base, int self, const struct trailer *t, char **argv)
 {
@@ -269,33 +322,80 @@ static void try_base(const char *base, int self, const struct trailer *t, char *
     snprintf(bundle, sizeof(bundle), "%s/%.32s", top, t->id);
     snprintf(program, sizeof(program), "%s/%.32s", bundle, t->program);
     snprintf(loader, sizeof(loader), "%s/%.64s", bundle, t->interp);
-    if (!is_dir(bundle)) {
+    remove_stale_temporaries(top);
+    if (!is_complete(program, loader)) {
         /* A name of this start's own. Not the pid alone: every container's PID 1 is pid 1, and
          * two containers can share the directory (a pod's /dev/shm, a shared emptyDir); with
          * pid-named temporaries one start deleted the other's unpack under its feet (seen in
-         * tests/e2e: two pods starting at once, "cannot exec the unpacked bundle"). */
-        uint64_t nonce = 0;
-        if (getrandom(&nonce, sizeof(nonce), GRND_NONBLOCK) != sizeof(nonce)) {
-            struct timespec now;
-            clock_gettime(CLOCK_REALTIME, &now);
-            nonce = ((uint64_t)now.tv_sec << 30) ^ (uint64_t)now.tv_nsec ^ (uint64_t)(uintptr_t)&now;
+         * tests/e2e: two pods starting at once, "cannot exec the unpacked bundle"). It is
+         * flock(2)ed while we unpack, so remove_stale_temporaries() leaves it alone. */
+        int lock = -1;
+        for (int attempt = 0; attempt < 3 && lock < 0; attempt++) {
+            uint64_t nonce = 0;
+            if (getrandom(&nonce, sizeof(nonce), GRND_NONBLOCK) != sizeof(nonce)) {
+                struct timespec now;
+                clock_gettime(CLOCK_REALTIME, &now);
+                nonce = ((uint64_t)now.tv_sec << 30) ^ (uint64_t)now.tv_nsec ^
+                        (uint64_t)(uintptr_t)&now ^ (uint64_t)attempt;
+            }
+            snprintf(temp, sizeof(temp), "%s/.%.32s.%d.%016llx", top, t->id, (int)getpid(),
+                     (unsigned long long)nonce);
+            if (mkdir(temp, 0700) < 0) {
+                note("%s: %s", base, strerror(errno));
+                return;
+            }
+            lock = open(temp, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+            if (lock < 0) {
+                note("%s: cannot open %s (%s)", base, temp, strerror(errno));
+                remove_tree(temp);
+                return;
+            }
+            /* A file system without flock(2) (some FUSE ones): unpack unlocked. The clean-up
+             * cannot lock anything there either, so it removes nothing. */
+            if (flock(lock, LOCK_EX) < 0)
+                break;
+            /* Another start's clean-up can have taken it for stale between our mkdir and
+             * flock, and removed it (it holds the lock until it is gone): take a new name. */
+            if (fstat(lock, &st) < 0 || st.st_nlink == 0) {
+                close(lock);
+                lock = -1;
+            }
         }
-        snprintf(temp, sizeof(temp), "%s/.%.32s.%d.%016llx", top, t->id, (int)getpid(),
-                 (unsigned long long)nonce);
-        if (mkdir(temp, 0700) < 0) {
-            note("%s: %s", base, strerror(errno));
+        if (lock < 0) {
+            note("%s: cannot create a temporary directory of our own", base);
             return;
         }
         int err = unpack(self, t, temp);
-        if (!err && rename(temp, bundle) < 0 && errno != EEXIST && errno != ENOTEMPTY)
-            err = errno;
+        if (!err && rename(temp, bundle) < 0) {
+            if (errno != EEXIST && errno != ENOTEMPTY)
+                err = errno;
+            else if (!is_complete(program, loader)) {
+                /* What is there was damaged (files removed by a tmp cleaner): move it aside,
+                 * under a dot-name that the clean-up of stale temporaries removes, and retry. */
+                char aside[PATH_MAX];
+                snprintf(aside, sizeof(aside), "%s.damaged", temp);
+                if (rename(bundle, aside) == 0)
+                    remove_tree(aside);
+                if (rename(temp, bundle) < 0 && errno != EEXIST && errno != ENOTEMPTY)
+                    err = errno;
+            }
+        }
         if (err) {
             remove_tree(temp);
+            close(lock);
             note("%s: cannot unpack (%s)", base, strerror(err));
             return;
         }
         if (is_dir(temp))
             remove_tree(temp); /* another start unpacked the same bundle first: use theirs */
+        close(lock);
+    }
+    if (unpack_only) {
+        if (!is_complete(program, loader)) {
+            note("%s: the bundle vanished as soon as it was unpacked", base);
+            return;
+        }
+        exit(0);
     }
     /* argv for the loader: ld.so --library-path DIR PROGRAM ARG... (ld.so(8)). The program is
      * named by its path, not by our argv[0]: that path becomes its argv[0], from which
@@ -352,9 +452,32 @@ static void record_environment(void)
     free(out);
 }
 
+/* setenv("_DRAINCTL_SIGMASK", the mask we were started with): see the top of this file. */
+static void record_mask(const sigset_t *mask)
+{
+    unsigned long long bits = 0;
+    char hex[17];
+    for (int n = 1; n <= 64; n++)
+        if (sigismember(mask, n) == 1)
+            bits |= 1ULL << (n - 1);
+    snprintf(hex, sizeof(hex), "%016llx", bits);
+    if (setenv("_DRAINCTL_SIGMASK", hex, 1) < 0)
+        die("cannot record the signal mask: %s", strerror(errno));
+}
+
 int main(int argc, char **argv)
 {
     (void)argc;
+    /* First of all: block every catchable signal, so none is lost while we unpack and Python
+     * starts (see the top of this file). glibc's sigfillset leaves out the two it reserves for
+     * its threads (32, 33: nptl(7)); SIGKILL and SIGSTOP cannot be blocked. */
+    sigset_t all, inherited;
+    sigfillset(&all);
+    sigdelset(&all, SIGKILL);
+    sigdelset(&all, SIGSTOP);
+    if (sigprocmask(SIG_BLOCK, &all, &inherited) < 0)
+        sigemptyset(&inherited); /* cannot fail with a valid set; nothing was blocked then */
+
     int self = open("/proc/self/exe", O_RDONLY | O_CLOEXEC);
     if (self < 0 && argv[0] && strchr(argv[0], '/'))
         self = open(argv[0], O_RDONLY | O_CLOEXEC);
@@ -367,8 +490,11 @@ int main(int argc, char **argv)
         memcmp(t.magic, MAGIC, sizeof(t.magic)) != 0)
         die("this executable carries no bundle (a launcher built without build/freeze.py?)");
 
+    const char *only_unpack = getenv("_DRAINCTL_UNPACK_ONLY");
+    unpack_only = only_unpack && strcmp(only_unpack, "1") == 0;
     unsetenv(RECORD); /* only ever ours: a stale one (inherited from a parent) is not the truth */
     record_environment();
+    record_mask(&inherited);
     /* How we were invoked (e.g. /drainctl): the bundle's runtime hook makes it sys.argv[0] and
      * drops the variable, so `drainctl check` can print the path the image has. */
     if (argv[0] && setenv("_DRAINCTL_LAUNCHER", argv[0], 1) < 0)

@@ -27,7 +27,8 @@ LAYERS = {
     "entry": 6,  # __main__
 }
 BASE = {"drainctl", "drainctl.options", "drainctl.events", "drainctl.exitcodes",
-        "drainctl.signames", "drainctl.redact", "drainctl.faults", "drainctl.durations"}
+        "drainctl.signames", "drainctl.redact", "drainctl.faults", "drainctl.durations",
+        "drainctl._bundle", "drainctl._startmask"}
 # The public import paths of the app side: re-exports of drainctl.app.
 PUBLIC_APP = {"drainctl.wsgi", "drainctl.asgi"}
 

@@ -9,9 +9,11 @@ Skipped when there is no binary; in CI (CI set) a missing binary fails instead.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -25,6 +27,7 @@ import pytest
 
 from tests.conftest import APPS, IS_ROOT, ROOT, Processes, inner_pid, needs_unshare, wait_for
 from tests.frozen import frozen_binary
+from tests.startsignal import IN_CREATE, STATUS, FileEvents, odd_signal_state
 
 EXIT_LAUNCHER = 125
 TRAILER = struct.Struct("<32s64s32sQQ8s")  # build/launcher.c's struct trailer
@@ -148,6 +151,53 @@ def test_drainctl_itself_is_pid_1_and_reaps_every_orphan(binary: Path, procs: Pr
     assert proc.wait(15) == 128 + signal.SIGTERM
 
 
+# ---- signals at start-up -------------------------------------------------------------------------
+
+
+@needs_unshare
+def test_a_sigterm_during_the_first_unpack_is_not_lost(binary: Path, runtime_dir: Path,
+                                                       procs: Processes) -> None:
+    # As PID 1 a signal with the default action is dropped by the kernel: one that came while the
+    # launcher unpacked (a few hundred ms on the first start) was lost, and drainctl ran on until
+    # the runtime's SIGKILL. The launcher blocks every signal first: it waits for drainctl.
+    # Sent as the launcher creates its directory, i.e. as the unpack starts.
+    with FileEvents([runtime_dir], IN_CREATE) as watch:
+        proc = procs.start(["unshare", "--pid", "--fork", "--mount-proc", str(binary), "run",
+                            "--delay", "0", "--", "sleep", "30"],
+                           env={"DRAINCTL_RUNTIME_DIR": str(runtime_dir)},
+                           preexec=odd_signal_state)
+        started = time.monotonic()
+        watch.signal_at(proc.pid, "drainctl-", signal.SIGTERM)
+    assert proc.wait(20) == 128 + signal.SIGTERM, proc.stderr()
+    assert time.monotonic() - started < 15
+    assert proc.wait_event("signal.received")["signal"] == "SIGTERM"
+    assert proc.wait_event("child.exited")["signal"] == "SIGTERM"
+    assert len(bundles(runtime_dir)) == 1  # it was the first start: it did unpack
+
+
+@needs_unshare
+@pytest.mark.parametrize("odd", [False, True], ids=["clean", "blocked-and-ignored"])
+def test_the_app_gets_the_mask_drainctl_was_started_with(binary: Path, procs: Processes,
+                                                         odd: bool) -> None:
+    # The launcher runs Python with every signal blocked; the app must not inherit that.
+    preexec = odd_signal_state if odd else None
+    reference = procs.start([sys.executable, "-c", STATUS], preexec=preexec)
+    reference.wait()
+    proc = procs.start(["unshare", "--pid", "--fork", "--mount-proc", str(binary), "run",
+                        "--delay", "0", "--", sys.executable, "-c", STATUS], preexec=preexec)
+    assert proc.wait(30) == 0, proc.stderr()
+    assert proc.stdout() == reference.stdout()
+    # and other commands run with it too (Ctrl-C interrupts them)
+    watch = procs.start([str(binary), "connections", "--port", "1", "--watch", "--interval",
+                         "100ms"], preexec=preexec)
+    wait_for(lambda: watch.stdout().count("\n") >= 2, timeout=30)
+    status = Path(f"/proc/{watch.pid}/status").read_text()
+    assert [line for line in status.splitlines() if line.startswith("SigBlk")] == [
+        line for line in reference.stdout().splitlines() if line.startswith("SigBlk")]
+    watch.signal(signal.SIGINT)
+    assert watch.wait(10) == 0
+
+
 # ---- unpacking -----------------------------------------------------------------------------------
 
 
@@ -262,3 +312,99 @@ def test_a_non_root_user_unpacks_into_a_directory_of_its_own(binary: Path) -> No
         assert own.stat().st_uid == 65534 and own.stat().st_mode & 0o777 == 0o700
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@needs_unshare
+def test_temporaries_of_an_unpack_killed_midway_are_removed_on_the_next_start(
+        binary: Path, runtime_dir: Path, procs: Processes) -> None:
+    # An OOM kill or the runtime's SIGKILL while the first start unpacks: its temporary (26 MiB
+    # on a tmpfs, charged to the pod) must not stay. One being unpacked right now must.
+    top = runtime_dir / f"drainctl-{os.geteuid()}"
+    top.mkdir(mode=0o700)
+    env = {"DRAINCTL_RUNTIME_DIR": str(runtime_dir)}
+    with FileEvents([top], IN_CREATE) as watch:
+        killed = procs.start(["unshare", "--pid", "--fork", str(binary), "--version"], env=env)
+        watch.signal_at(killed.pid, ".", signal.SIGKILL)
+    killed.wait(10)
+    left = [p.name for p in top.iterdir()]
+    assert len(left) == 1 and left[0].startswith("."), left  # killed mid-unpack
+    # A temporary someone is unpacking into holds its flock: left alone.
+    busy = top / ".0123456789abcdef0123456789abcdef.7.0000000000000001"
+    busy.mkdir()
+    held = os.open(busy, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert run(binary, "--version", env=dict(os.environ, **env)).returncode == 0
+        remaining = sorted(p.name for p in top.iterdir())
+        assert remaining == sorted([busy.name, *[p.name for p in bundles(runtime_dir)
+                                                 if not p.name.startswith(".")]])
+        assert len(remaining) == 2
+    finally:
+        os.close(held)
+
+
+def test_a_bundle_with_files_removed_is_replaced_by_the_next_start(binary: Path,
+                                                                   runtime_dir: Path) -> None:
+    # tmp cleaners remove old files before (empty) directories: a directory is not a bundle.
+    env = dict(os.environ, DRAINCTL_RUNTIME_DIR=str(runtime_dir))
+    assert run(binary, "--version", env=env).returncode == 0
+    [bundle] = bundles(runtime_dir)
+    before = bundle.stat().st_ino
+    (bundle / "drainctl").unlink()
+    result = run(binary, "--version", env=env)
+    assert result.returncode == 0 and result.stdout.startswith("drainctl "), result.stderr
+    assert bundles(runtime_dir) == [bundle]  # the damaged copy is gone, not left beside
+    assert bundle.stat().st_ino != before and (bundle / "drainctl").is_file()
+
+
+# ---- the runtime directory removed under PID 1 ------------------------------------------------
+
+
+@needs_unshare
+@pytest.mark.parametrize("case", ["put-back", "cannot-put-back"])
+def test_the_drain_works_after_the_runtime_directory_is_removed(
+        binary: Path, runtime_dir: Path, procs: Processes, case: str) -> None:
+    # A tmp cleaner or a sidecar sharing the emptyDir removes the unpacked bundle while PID 1
+    # runs; the drain loads its modules (counter, psutil, httpx) only when it starts. Before,
+    # each job died on import: `timeout`, count null, the app stopped with connections open.
+    from tests.traffic import free_port, signal_time
+
+    port = free_port()
+    extra = ("--port", str(port)) if case == "cannot-put-back" else ()
+    proc = procs.start(["unshare", "--pid", "--fork", "--mount-proc", str(binary), "run",
+                        "--delay", "0.2", "--settle", "0.2", "--grace-period", "20",
+                        *extra, "--", sys.executable, str(APPS / "httpapp.py"), "--port",
+                        str(port)], env={"DRAINCTL_RUNTIME_DIR": str(runtime_dir)})
+    proc.wait_output("listening", timeout=30)
+    client = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert client.recv(4096).startswith(b"HTTP/1.1 200")
+        top = runtime_dir / f"drainctl-{os.geteuid()}"
+        shutil.rmtree(top)
+        if case == "cannot-put-back":
+            top.mkdir(mode=0o755)  # the launcher refuses a directory others could enter
+        os.kill(inner_pid(proc), signal.SIGTERM)
+        counted = wait_for(lambda: [e for e in proc.events()
+                                    if e["event"] == "connections" and e["count"] >= 1],
+                           timeout=15)
+        assert port in counted[0]["ports"]
+        time.sleep(0.5)
+        assert proc.popen.poll() is None, "stopped with the connection open"
+        assert signal_time(proc, "SIGTERM") is None
+    finally:
+        closed_at = time.time()
+        client.close()
+    assert proc.wait(20) == 128 + signal.SIGTERM, proc.stderr()
+    finished = proc.wait_event("drain.finished")
+    assert (finished["reason"], finished["count"]) == ("drained", 0)
+    stopped = signal_time(proc, "SIGTERM")
+    assert stopped is not None and stopped >= closed_at
+    warnings = [e["message"] for e in proc.events() if e["event"] == "warning"
+                and "unpacked bundle" in e["message"]]
+    assert len(warnings) == 1, proc.stderr()
+    if case == "put-back":
+        assert "unpacked it again" in warnings[0]
+        assert len(bundles(runtime_dir)) == 1
+    else:
+        assert "could not be unpacked again" in warnings[0] and "/proc/net/tcp" in warnings[0]

@@ -19,12 +19,14 @@ import pytest
 
 from tests.conftest import (
     IS_ROOT,
+    ROOT,
     Processes,
     app,
     drainctl_argv,
     inner_pid,
     wait_for,
 )
+from tests.startsignal import IN_CREATE, IN_OPEN, STATUS, FileEvents, odd_signal_state
 
 MODES = [
     pytest.param(False, id="parent"),
@@ -265,29 +267,79 @@ def test_orphans_came_to_the_subreaper(procs: Processes) -> None:
 
 # ---- the signal state the app inherits ---------------------------------------------------------
 
-STATUS = (
-    "import sys\n"
-    "lines = open('/proc/self/status').read().splitlines()\n"
-    "print('\\n'.join(l for l in lines if l.startswith(('SigBlk', 'SigIgn'))), flush=True)\n"
-)
-
-
-def _odd_signal_state() -> None:
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGWINCH})
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGQUIT, signal.SIG_IGN)
-
-
+@pytest.mark.parametrize("pid1", MODES)
 @pytest.mark.parametrize("odd", [False, True], ids=["clean", "blocked-and-ignored"])
-def test_app_gets_the_signal_state_drainctl_inherited(procs: Processes, odd: bool) -> None:
-    preexec = _odd_signal_state if odd else None
+def test_app_gets_the_signal_state_drainctl_inherited(procs: Processes, odd: bool,
+                                                      pid1: bool) -> None:
+    # drainctl blocks every signal first thing (and the frozen binary's launcher before it
+    # unpacks): the app must still get the mask drainctl was started with, not that one.
+    preexec = odd_signal_state if odd else None
     reference = procs.start([sys.executable, "-c", STATUS], preexec=preexec)
     reference.wait()
-    proc = procs.drainctl("run", *NO_DRAIN, "--", sys.executable, "-c", STATUS, preexec=preexec)
+    proc = procs.drainctl("run", *NO_DRAIN, "--", sys.executable, "-c", STATUS, preexec=preexec,
+                          pid1=pid1)
     assert proc.wait() == 0
     assert proc.stdout() == reference.stdout()
     if odd:
         assert "SigBlk:\t0000000000000000" not in proc.stdout()
+
+
+@pytest.mark.parametrize("odd", [False, True], ids=["clean", "blocked-and-ignored"])
+def test_other_commands_run_with_the_inherited_mask(procs: Processes, odd: bool) -> None:
+    # Only `run` is PID 1 and keeps its signals blocked; `connections --watch`, `prestop`, `demo`
+    # are interrupted by Ctrl-C and must not hand a blocked mask to what they start.
+    preexec = odd_signal_state if odd else None
+    reference = procs.start([sys.executable, "-c", STATUS], preexec=preexec)
+    reference.wait()
+    given = dict(line.split(":\t") for line in reference.stdout().splitlines())
+    watch = procs.drainctl("connections", "--port", "1", "--watch", "--interval", "100ms",
+                           preexec=preexec)
+    wait_for(lambda: watch.stdout().count("\n") >= 2)
+    status = Path(f"/proc/{watch.pid}/status").read_text().splitlines()
+    blocked = [line.split(":\t")[1] for line in status if line.startswith("SigBlk")]
+    assert blocked == [given["SigBlk"]]
+    watch.signal(signal.SIGINT)
+    assert watch.wait(10) == 0
+
+
+def test_ctrl_c_interrupts_a_standalone_prestop(procs: Processes) -> None:
+    # prestop is the hook, not PID 1: its signals are not kept blocked.
+    hook = procs.drainctl("prestop", "--delay", "30", "--port", "1",
+                          env={"DRAINCTL_CONTROL_SOCKET": f"@drainctl-test-{os.getpid()}-none"})
+    hook.wait_event("drain.started")
+    hook.signal(signal.SIGINT)
+    assert hook.wait(10) == 130
+    assert "interrupted" in hook.stderr()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root for a PID namespace")
+@pytest.mark.parametrize("odd", [False, True], ids=["clean", "blocked-and-ignored"])
+def test_a_sigterm_right_after_exec_is_not_lost(procs: Processes, odd: bool,
+                                                tmp_path: Path) -> None:
+    # PID 1 of a namespace: a signal with the default action is dropped by the kernel. One that
+    # came before drainctl had blocked its signals was lost, and drainctl ran on with the app
+    # until the runtime's SIGKILL. The frozen binary's launcher blocks them before anything
+    # else: the signal goes out as it starts its first unpack. From source the interpreter's own
+    # start-up comes first: it goes out when drainctl opens its first module after the entry
+    # point (until now, signals were blocked only in the supervisor's set-up, after the imports).
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    package = ROOT / "supervisor" / "drainctl"
+    frozen = bool(os.environ.get("DRAINCTL_BIN"))
+    watch = FileEvents([runtime], IN_CREATE) if frozen else FileEvents(
+        [package, package / "__pycache__"], IN_OPEN)
+    with watch:
+        proc = procs.drainctl("run", *NO_DRAIN, "--", "sleep", "30", pid1=True,
+                              preexec=odd_signal_state if odd else None,
+                              env={"DRAINCTL_RUNTIME_DIR": str(runtime)})
+        started = time.monotonic()
+        watch.signal_at(proc.pid, "drainctl-" if frozen else "commands.", signal.SIGTERM)
+    assert proc.wait(15) == 128 + signal.SIGTERM, proc.stderr()
+    assert time.monotonic() - started < 10
+    received = proc.wait_event("signal.received")
+    assert received["signal"] == "SIGTERM"
+    assert proc.wait_event("child.exited")["signal"] == "SIGTERM"  # the app got it
+    assert "_DRAINCTL_SIGMASK" not in proc.stderr()
 
 
 def test_descriptors_do_not_leak_into_the_app(procs: Processes) -> None:

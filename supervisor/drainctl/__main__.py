@@ -6,11 +6,15 @@ import os
 import sys
 from collections.abc import Sequence
 
+from drainctl import _startmask
+
 __all__ = ["entry", "main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] != ["run"]:
+        _startmask.restore()  # only `run` is PID 1: see entry()
     if args[:1] in (["run"], ["prestop"]):
         # PID 1, and the hook whose start-up comes out of the grace period: parse with the
         # option table alone (cli/fastparse.py), no typer. Anything unusual goes to typer.
@@ -38,7 +42,12 @@ def entry() -> None:
     `exit` event (measured in tests/e2e); for `prestop` that time delays the kubelet's SIGTERM,
     for `run` the pod's exit. Nothing of ours needs it: files are closed where they are written,
     and no atexit handler is registered. Only the standard streams need flushing.
+
+    First of all, before any import of drainctl's, every signal is blocked (see _startmask): as
+    PID 1 a SIGTERM that came during the imports was dropped by the kernel. `main` unblocks them
+    again for every command but `run`.
     """
+    _startmask.block()
     code = main()
     events = sys.modules.get("drainctl.events")
     if events is not None:

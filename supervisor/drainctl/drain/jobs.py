@@ -6,7 +6,7 @@ only when a drain needs them, so PID 1 starts lean.
 
 from __future__ import annotations
 
-from drainctl import faults
+from drainctl import _bundle, faults
 from drainctl.drain.machine import Seams
 
 TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (machine.py)
@@ -36,8 +36,14 @@ def real_seams(
     def count(ports: Sequence[int], idle_grace: float | None) -> Counts:
         faults.check("job:count")
         if not counter:
-            from drainctl.drain.connections import make_counter
-
+            try:
+                from drainctl.drain.connections import make_counter
+            except (ImportError, SystemExit):
+                if not _bundle.FROZEN:
+                    raise
+                # The frozen bundle is gone and could not be put back: count from /proc with
+                # what is loaded already (_bundle).
+                return _bundle.fallback_count(list(ports))  # type: ignore[return-value]
             counter.append(make_counter())
         return counter[0].count(ports, idle_grace)
 

@@ -25,7 +25,7 @@ import selectors
 import threading
 import time
 
-from drainctl import faults
+from drainctl import _bundle, faults
 
 TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (drain/machine.py)
 if TYPE_CHECKING:
@@ -117,11 +117,15 @@ class ThreadRunner:
         self._on_died = on_died
         self._on_inline = on_inline
         self._inline_said = False
+        self._on_inline_warning: Callable[[object], None] = lambda message: on_inline(str(message))
         self.owner = owner
 
     def submit(self, work: Callable[[], T], done: Callable[[T | Exception], None]) -> None:
         def job() -> object:
             try:
+                restored = _bundle.ensure()  # the frozen binary's files, put back if removed
+                if restored is not None:
+                    self._inbox.put(JobDone(self._on_inline_warning, restored, self.owner))
                 return work()
             except Exception as exc:
                 return exc

@@ -21,6 +21,7 @@ import os
 import signal
 import time
 
+from drainctl import _bundle, _startmask
 from drainctl.drain import termination
 from drainctl.drain.jobs import real_seams
 from drainctl.drain.machine import Drain, Phase
@@ -78,7 +79,12 @@ class Supervisor:
 
     def run(self) -> int:
         """Raises spawn.SpawnError when the app cannot be started."""
-        inherited_mask = block_all()
+        # The entry point blocked them already, first thing (_startmask); block_all() is for
+        # any other caller, and its result the inherited mask only when nothing was recorded.
+        blocked_before = block_all()
+        inherited_mask = _startmask.inherited()
+        if inherited_mask is None:
+            inherited_mask = frozenset(blocked_before)
         if os.getpid() != 1:
             failed = reaper.become_subreaper()
             if failed:
@@ -169,11 +175,15 @@ class Supervisor:
     def _group_alive(self) -> bool:
         return self.child is not None and self.child.group_alive()
 
-    def _lookup_ports(self) -> Discovery:
+    def _lookup_ports(self) -> Discovery | list[int]:
         # Every process drainctl is responsible for, not only the app's tree (a daemonized
         # server is re-parented to drainctl), with its fallbacks; no psutil (discovery.py).
-        from drainctl.drain.discovery import app_ports
-
+        try:
+            from drainctl.drain.discovery import app_ports
+        except (ImportError, SystemExit):  # the frozen bundle is gone: see _bundle
+            if not _bundle.FROZEN:
+                raise
+            return _bundle.fallback_listening_ports()
         return app_ports()
 
 
