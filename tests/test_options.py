@@ -482,6 +482,8 @@ def readme() -> str:
 
 def test_readme_options_table_is_the_option_table() -> None:
     assert readme_table() in readme(), "README.md: paste `python3 -m drainctl.options`'s table"
+    interface = (ROOT / "docs" / "interface.md").read_text()
+    assert readme_table() in interface, "docs/interface.md: paste the same table"
 
 
 def test_readme_exit_code_table_is_exitcodes() -> None:
