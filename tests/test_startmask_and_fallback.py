@@ -12,11 +12,11 @@ import socket
 import subprocess
 import sys
 
-from drainctl.connections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drainctl import _bundle, _startmask
+from drainctl.drain.connections import Counter
 from tests.conftest import ROOT
 
 
