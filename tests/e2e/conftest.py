@@ -3,6 +3,9 @@ per-test cluster that is always torn down, and the figures every scenario report
 
 A missing requirement skips with one line, except under CI (`CI` set): there a skip would hide
 that the suite did not run, so it fails instead (.ci/run installs HAProxy and the JDK).
+
+`E2E_RUNS=N` runs every scenario N times (default 1, as CI does), for figures: the terminal
+summary then gives each scenario's range over the runs.
 """
 
 from __future__ import annotations
@@ -21,6 +24,21 @@ from tests.e2e.harness import Cluster, compile_java
 
 FIGURES: list[dict[str, Any]] = []
 _figures_file: list[Path] = []
+
+
+def _runs() -> int:
+    text = os.environ.get("E2E_RUNS", "").strip() or "1"
+    if not text.isdigit() or not 1 <= int(text) <= 100:
+        raise pytest.UsageError(f"E2E_RUNS={text!r}: expected a number of runs from 1 to 100")
+    return int(text)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`E2E_RUNS=N`: each e2e scenario N times, as `[...-run1]` to `[...-runN]`."""
+    runs = _runs()
+    if runs > 1 and metafunc.definition.get_closest_marker("e2e") is not None:
+        metafunc.fixturenames.append("e2e_run")
+        metafunc.parametrize("e2e_run", range(1, runs + 1), ids=lambda i: f"run{i}")
 
 
 def _not_available(need_java: bool) -> str | None:
@@ -80,7 +98,7 @@ def record_figures(figures_file: Path) -> Callable[[dict[str, Any]], None]:
 def one_line(f: dict[str, Any]) -> str:
     drain = f.get("drain") or {}
     return (
-        f"{f['scenario']:<34} failures {f['failures']:>4} / {f['requests']:<5} "
+        f"{f['scenario']:<44} failures {f['failures']:>4} / {f['requests']:<5} "
         f"pod gone {f['pod_gone_s']:>5}s (bound {f['bound_s'] or '-'}) "
         f"SIGKILL {'yes' if f['sigkill'] else 'no '} "
         f"gateway down {f['gateway_marked_upstream_down']} "
@@ -89,11 +107,34 @@ def one_line(f: dict[str, Any]) -> str:
     )
 
 
+def ranges(all_figures: list[dict[str, Any]]) -> list[str]:
+    """Per scenario: runs, failed requests, pod gone, SIGKILLs, gateway down, as min-max."""
+    by_scenario: dict[str, list[dict[str, Any]]] = {}
+    for f in all_figures:
+        by_scenario.setdefault(f["scenario"], []).append(f)
+
+    def span(runs: list[dict[str, Any]], key: str) -> str:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        return f"{min(values)}-{max(values)}" if values else "-"
+
+    return [
+        f"{name:<44} runs {len(runs):>2}  failures {span(runs, 'failures'):>9}  "
+        f"pod gone {span(runs, 'pod_gone_s'):>11}s  "
+        f"SIGKILL {sum(1 for r in runs if r['sigkill'])}  "
+        f"gateway down {span(runs, 'gateway_marked_upstream_down')}"
+        for name, runs in by_scenario.items()
+    ]
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not FIGURES:
         return
     terminalreporter.section("e2e figures (times in seconds from the pod's deletion)")
     for figures in FIGURES:
         terminalreporter.line(one_line(figures))
+    if len(FIGURES) > len({f["scenario"] for f in FIGURES}):
+        terminalreporter.section("e2e ranges over the runs (min-max)")
+        for line in ranges(FIGURES):
+            terminalreporter.line(line)
     if _figures_file:
         terminalreporter.line(f"JSON: {_figures_file[0]}")
