@@ -163,16 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ncontainer cgroup memory charge, MiB (runc {shutil.which('runc')}, cgroups "
           f"{cgroup_kind()}, {args.rounds} rounds, medians, {args.settle:.0f} s after the app "
           "started)")
-    head = "".join(f"{k:>13}" for k in (*KEYS, "pid1_rss", "over app"))
-    print(f"  {'PID 1':<44}{head}")
+    head = "".join(f"{k:>14}" for k in (*KEYS, "pid1_rss", "over app"))
+    print(f"  {'PID 1':<52}{head}")
     base = next((r for r in rows if r.samples and r.label.startswith("the app alone")), None)
     for row in rows:
         if not row.samples:
-            print(f"  {row.label:<44} FAILED: {row.error}")
+            print(f"  {row.label:<52} FAILED: {row.error}")
             continue
-        cells = "".join(f"{median(row, k):13.1f}" for k in (*KEYS, "pid1_rss"))
-        over = f"{median(row, 'current') - median(base, 'current'):13.1f}" if base else ""
-        print(f"  {row.label:<44}{cells}{over}")
+        cells = "".join(f"{median(row, k):14.1f}" for k in (*KEYS, "pid1_rss"))
+        over = f"{median(row, 'current') - median(base, 'current'):14.1f}" if base else ""
+        print(f"  {row.label:<52}{cells}{over}")
     print("\n  current: everything charged; working_set = current - inactive_file (the kubelet's "
           "measure); shmem is in file too")
     return 0
