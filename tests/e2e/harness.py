@@ -13,6 +13,9 @@ connections, the established ones go on, as with kube-proxy or a cloud LB), the 
 exec'd in the pod's namespaces, SIGTERM goes to PID 1 when the hook returns, SIGKILL at the grace
 period.
 
+`PodRuntime` makes the pods: `unshare` namespaces here; tests/e2e/oci.py's `Runc` makes them runc
+containers and brings runc's verbs (`Pod.enter`, `Pod.signal`, `Pod.wait_gone`) to the Kubelet.
+
 Everything is created per test, named with the test process's pid, and torn down even on failure
 (`Cluster.close`): processes first (a network namespace lives on while a process is in it), then
 namespaces and veths. Only loopback and the veths created here are used.

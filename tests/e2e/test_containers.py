@@ -62,6 +62,22 @@ def test_drainctl_in_container(
         assert f["hook_rc"] == 0, f
 
 
+@pytest.mark.timeout(120)
+def test_drainctl_from_source_in_container(
+    cluster: Cluster, tmp_path: Path, record_figures: Record,
+) -> None:
+    """drainctl from the source, run by the host's interpreter bound read-only into the
+    container, as the container's init; the hook the same way through `runc exec`."""
+    require_runc(frozen=False)
+    runtime = Runc(cluster.procs, cluster.cleanups, frozen=False)
+    scenario = Scenario("runc: drainctl from source, prestop hook (python)", "python",
+                        drainctl=True, hook="prestop")
+    f = run(cluster, scenario, None, tmp_path, runtime)
+    record_figures(f)
+    assert_no_failure(f)
+    assert f["hook_rc"] == 0, f
+
+
 # ---- a sidecar in the pod's network namespace ----------------------------------------------------
 
 SIDECAR_PORT = 9090
