@@ -350,10 +350,39 @@ def _v1_kmem(where: Path) -> int:
         return 0
 
 
+def cgroup_parents() -> list[Path]:
+    """The `drainctl-e2e-<pid>` cgroup of this process in every hierarchy (see `config()`)."""
+    own: dict[str, str] = {}  # controllers ("" for v2) -> this process's path
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        own[controllers] = path
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        sep = fields.index("-")
+        fstype, superopts = fields[sep + 1], fields[sep + 3]
+        root, mountpoint = fields[3], fields[4]
+        if fstype == "cgroup2":
+            path = own.get("")
+        elif fstype == "cgroup":
+            opts = set(superopts.split(","))
+            path = next((p for c, p in own.items() if c and set(c.split(",")) <= opts), None)
+        else:
+            continue
+        if path is not None and path.startswith(root):
+            relative = path[len(root):].lstrip("/")
+            found.append(Path(mountpoint, relative, f"drainctl-e2e-{os.getpid()}"))
+    return found
+
+
 def remove_runc_root() -> None:
-    """At the end of a test: runc's state directory, once no container is left in it."""
+    """At the end of a test: runc's state directory and the cgroups' parent directories, once
+    no container is left in them (rmdir removes only what is empty)."""
     with contextlib.suppress(OSError):
         runc_root().rmdir()
+    for parent in cgroup_parents():
+        with contextlib.suppress(OSError):
+            parent.rmdir()
 
 
 # ---- pods of the e2e cluster --------------------------------------------------------------------
