@@ -2,7 +2,7 @@
 the per-test cluster that is always torn down, and the figures every scenario reports.
 
 A missing requirement skips with one line, except under CI (`CI` set): there a skip would hide
-that the suite did not run, so it fails instead (.ci/run installs HAProxy, nginx and the JDK).
+that the suite did not run, so it fails instead (.ci/run installs HAProxy, nginx, runc and the JDK).
 
 `E2E_RUNS=N` runs every scenario N times (default 1, as CI does), for figures: the terminal
 summary then gives each scenario's range over the runs.

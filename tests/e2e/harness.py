@@ -13,6 +13,9 @@ connections, the established ones go on, as with kube-proxy or a cloud LB), the 
 exec'd in the pod's namespaces, SIGTERM goes to PID 1 when the hook returns, SIGKILL at the grace
 period.
 
+`PodRuntime` makes the pods: `unshare` namespaces here; tests/e2e/oci.py's `Runc` makes them runc
+containers and brings runc's verbs (`Pod.enter`, `Pod.signal`, `Pod.wait_gone`) to the Kubelet.
+
 Everything is created per test, named with the test process's pid, and torn down even on failure
 (`Cluster.close`): processes first (a network namespace lives on while a process is in it), then
 namespaces and veths. Only loopback and the veths created here are used.
@@ -35,7 +38,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -336,6 +339,16 @@ class Pod:
         """`argv` in the pod's namespaces, as the kubelet execs a hook (runc exec joins them)."""
         return ["nsenter", "--target", str(self.pid1), "--pid", "--mount", "--net", *argv]
 
+    def signal(self, signo: int) -> None:
+        """What the kubelet's runtime does for SIGTERM / SIGKILL: a signal to PID 1."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid1, signo)
+
+    def wait_gone(self, timeout: float) -> bool:
+        """Wait until PID 1 has exited, at most `timeout` seconds; True if it did."""
+        assert self.proc is not None
+        return wait_exit(self.proc, timeout)
+
     def events(self) -> list[dict[str, Any]]:
         """drainctl's JSON events (the app's own log lines on the same stderr are skipped)."""
         found = []
@@ -346,6 +359,25 @@ class Pod:
                     if isinstance(record, dict) and "event" in record:
                         found.append(record)
         return found
+
+
+class PodRuntime:
+    """How a scenario's pods are made: here `unshare` namespaces, the source or DRAINCTL_BIN's
+    drainctl; tests/e2e/oci.py's `Runc` makes them real OCI containers instead."""
+
+    name = "unshare"
+
+    def __init__(self, procs: Processes) -> None:
+        self.procs = procs
+
+    def drainctl(self) -> list[str]:
+        """drainctl's argv as the pod sees it (PID 1's and the preStop hook's)."""
+        return drainctl_argv()
+
+    def pod(self, name: str, net: PodNetwork, argv: Sequence[str], env: dict[str, str]) -> Pod:
+        pod = Pod(self.procs, name, net, argv, env)
+        pod.start()
+        return pod
 
 
 def old_hook(delay: float) -> list[str]:
@@ -426,12 +458,10 @@ class Kubelet:
                 d.hook_output = hook_proc.stdout() + hook_proc.stderr()
             if pod.proc.popen.poll() is None:
                 d.sigterm_s = time.monotonic() - d.t0
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pod.pid1, signal.SIGTERM)
-            if not wait_exit(pod.proc, deadline - time.monotonic()):
+                pod.signal(signal.SIGTERM)
+            if not pod.wait_gone(deadline - time.monotonic()):
                 d.sigkill = True
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pod.pid1, signal.SIGKILL)  # PID 1 gone: the kernel kills the rest
+                pod.signal(signal.SIGKILL)  # PID 1 gone: the kernel kills the rest
                 pod.proc.wait(10)
             d.gone_s = time.monotonic() - d.t0
             d.exit_code = pod.proc.popen.returncode
@@ -544,6 +574,8 @@ class Cluster:
     sockdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="dce2e-")))
     networks: list[PodNetwork] = field(default_factory=list)
     loads: list[Load] = field(default_factory=list)
+    # Run first at close(), last added first: e.g. `runc delete --force` of each container.
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
 
     def network(self, pod: str) -> PodNetwork:
         net = PodNetwork(pod, len(self.networks))
@@ -562,6 +594,9 @@ class Cluster:
                 load.stop()
         finally:
             try:
+                for cleanup in reversed(self.cleanups):
+                    with contextlib.suppress(Exception):  # one failing must not stop the rest
+                        cleanup()
                 self.procs.cleanup()
             finally:
                 for net in self.networks:

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, Processes, drainctl_argv, wait_for
+from tests.conftest import ROOT, Processes, wait_for
 from tests.e2e.conftest import require
 from tests.e2e.harness import (
     APP_PORT,
@@ -32,10 +32,10 @@ from tests.e2e.harness import (
     L7Gateway,
     LoadBalancer,
     Pod,
+    PodRuntime,
     figures,
     java_app,
     old_hook,
-    prestop_hook,
     python_app,
 )
 from tests.e2e.nginx import NginxGateway
@@ -109,10 +109,13 @@ def start_gateway(
 
 
 def run(
-    cluster: Cluster, scenario: Scenario, java_classes: list[Path] | None, tmp_path: Path
+    cluster: Cluster, scenario: Scenario, java_classes: list[Path] | None, tmp_path: Path,
+    runtime: PodRuntime | None = None,
 ) -> dict[str, Any]:
     if scenario.gateway == "nginx":
         require(need_nginx=True)
+    runtime = runtime or PodRuntime(cluster.procs)
+    drainctl = runtime.drainctl()
     pods = []
     for name in ("a", "b"):
         net = cluster.network(name)
@@ -125,12 +128,10 @@ def run(
         env["DRAINCTL_DOWN_STATE"] = str(tmp_path / f"down-{name}")
         argv = app_argv
         if scenario.drainctl:
-            argv = [*drainctl_argv(), "run", "--", *app_argv]
+            argv = [*drainctl, "run", "--", *app_argv]
             env.update(DRAINCTL_ENV)
             env.update(GATEWAY_DRAINCTL_ENV.get(scenario.gateway, {}))
-        pod = Pod(cluster.procs, name, net, argv, env)
-        pod.start()
-        pods.append(pod)
+        pods.append(runtime.pod(name, net, argv, env))
     for pod in pods:
         pod.wait_ready()
     lb, gateway = start_gateway(scenario.gateway, cluster, pods)
@@ -142,15 +143,17 @@ def run(
     wait_for(lambda: {s.pod for s in load.snapshot() if s.kind == "slow"} >= {"a", "b"},
              timeout=15, interval=0.1)
 
-    hook = {"prestop": prestop_hook(), "old": old_hook(DELAY), "none": None}[scenario.hook]
+    hook = {"prestop": [*drainctl, "prestop"], "old": old_hook(DELAY),
+            "none": None}[scenario.hook]
     deletion = Kubelet(cluster.procs, lb, lag=LAG, grace=GRACE).delete(pods[0], hook)
     time.sleep(AFTER_FIXED if scenario.drainctl else AFTER_INCIDENT)
     load.stop()
     result = figures(scenario.name, load.snapshot(), deletion, pods[0], gateway,
                      BOUND if scenario.drainctl else None)
     result["hook_output"] = deletion.hook_output.strip().splitlines()[-3:]
+    result["runtime"] = runtime.name
     if scenario.drainctl:
-        result["drainctl"] = " ".join(drainctl_argv())  # the source, or DRAINCTL_BIN's binary
+        result["drainctl"] = " ".join(drainctl)  # the source, or DRAINCTL_BIN's binary
     return result
 
 
