@@ -315,7 +315,8 @@ def stubbed(environ: dict[str, str]) -> Iterator[None]:
     import drainctl.pid1.supervisor
 
     class Supervisor:
-        def __init__(self, command: Sequence[str], config: Config, events: object) -> None:
+        def __init__(self, command: Sequence[str], config: Config, events: object,
+                     **_services: object) -> None:
             assert isinstance(config, Config)
 
         def run(self) -> int:

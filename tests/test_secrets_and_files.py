@@ -110,7 +110,7 @@ def test_bad_down_url_error_hides_the_secrets(url: str) -> None:
     done = subprocess.run([*drainctl_argv(), "run", "--down-url", url, "--", "true"],
                           capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert done.returncode == 2
-    assert done.stderr.startswith("drainctl: ") and "down URL" in done.stderr
+    assert done.stderr.startswith("drainctl: ") and "--down-url" in done.stderr
     assert_clean(done.stdout, done.stderr)
 
 

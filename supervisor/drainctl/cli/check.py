@@ -25,7 +25,7 @@ from drainctl.control import client as control
 from drainctl.drain.budget import Budget
 from drainctl.durations import format_duration
 from drainctl.exitcodes import EXIT_BROKEN, EXIT_OK
-from drainctl.options import OPTIONS, Config, RawValue
+from drainctl.options import OPTIONS, Config
 from drainctl.redact import redact_url
 
 if TYPE_CHECKING:
