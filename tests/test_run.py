@@ -327,7 +327,7 @@ def test_a_sigterm_right_after_exec_is_not_lost(procs: Processes, odd: bool,
     package = ROOT / "supervisor" / "drainctl"
     frozen = bool(os.environ.get("DRAINCTL_BIN"))
     watch = FileEvents([runtime], IN_CREATE) if frozen else FileEvents(
-        [package, package / "__pycache__"], IN_OPEN)
+        [package / "cli", package / "cli" / "__pycache__"], IN_OPEN)
     with watch:
         proc = procs.drainctl("run", *NO_DRAIN, "--", "sleep", "30", pid1=True,
                               preexec=odd_signal_state if odd else None,

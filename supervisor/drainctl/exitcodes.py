@@ -62,8 +62,12 @@ def from_wait_status(status: int) -> int:
 
 
 def prestop_code(reason: str) -> int:
-    """prestop's code for a drain's reason: EXIT_LEFT only when the deadline left connections."""
-    return EXIT_LEFT if reason == "timeout" else EXIT_OK
+    """prestop's code for a drain's reason: EXIT_OK when nothing was left to wait for; any other
+    reason (`timeout`, or one this version does not know) is EXIT_LEFT: never claim a drain."""
+    return EXIT_OK if reason in _NOTHING_LEFT else EXIT_LEFT
+
+
+_NOTHING_LEFT = frozenset({"drained", "no-ports", "child-exited", "forced"})
 
 
 # (code, command, meaning): the README's table, row by row.
