@@ -47,7 +47,7 @@ if TYPE_CHECKING:
         def submit(self, work: Callable[[], T], done: Callable[[T | Exception], None]) -> None:
             ...
 
-__all__ = ["Drain", "Outcome", "Phase", "Seams"]
+__all__ = ["Drain", "Outcome", "Phase", "Seams", "exit_fields", "send_signal"]
 
 
 class Phase(enum.Enum):
@@ -81,6 +81,32 @@ _ALLOWED: dict[Phase, frozenset[Phase]] = {
 # after SIGKILL (one in uninterruptible sleep may take a while; exiting ends it anyway).
 GROUP_POLL = 0.05
 AFTER_KILL = 2.0
+
+def exit_fields(pid: int, status: int) -> dict[str, Any]:
+    """The `child.exited` event's fields for a wait status: `code`, or the `signal` it died of."""
+    if os.WIFSIGNALED(status):
+        return {"pid": pid, "signal": signal_name(os.WTERMSIG(status))}
+    return {"pid": pid, "code": os.waitstatus_to_exitcode(status)}
+
+
+def send_signal(
+    send: Callable[[int, bool], int], events: Events, signo: int, group: bool,
+    event: str | None = "signal.forwarded",
+) -> int:
+    """Send through `send` and log it; nothing left to hear it is not an error, a refusal
+    (EPERM) is a `warning`, never fatal. Returns the pid it went to (0: it did not go)."""
+    try:
+        target = send(signo, group)
+    except ProcessLookupError:
+        return 0
+    except OSError as exc:
+        events.emit("warning", message=f"cannot send {signal_name(signo)} to the app: "
+                    f"{exc.strerror or exc}")
+        return 0
+    if event is not None:
+        events.emit(event, signal=signal_name(signo), pid=target)
+    return target
+
 
 class Seams:
     """What the drain does to the world, passed in (seams, not monkeypatching).
@@ -245,12 +271,7 @@ class Drain:
     def app_exited(self, pid: int, status: int) -> None:
         """The app (our direct child) exited: the drain ends; its group is cleaned up."""
         self.app_status = status
-        fields: dict[str, Any] = {"pid": pid}
-        if os.WIFSIGNALED(status):
-            fields["signal"] = signal_name(os.WTERMSIG(status))
-        else:
-            fields["code"] = os.waitstatus_to_exitcode(status)
-        self.events.emit("child.exited", **fields)
+        self.events.emit("child.exited", **exit_fields(pid, status))
         if self.phase in DRAINING:
             self._finish("child-exited")
         elif self.phase in _APP_ALIVE:
@@ -645,17 +666,7 @@ class Drain:
 
     def _send(self, signo: int, group: bool, event: str | None = "signal.forwarded") -> int:
         assert self.seams.send is not None
-        try:
-            target = self.seams.send(signo, group)
-        except ProcessLookupError:
-            return 0  # nothing left to hear it
-        except OSError as exc:
-            self.events.emit("warning", message=f"cannot send {signal_name(signo)} to the app: "
-                             f"{exc.strerror or exc}")
-            return 0
-        if event is not None:
-            self.events.emit(event, signal=signal_name(signo), pid=target)
-        return target
+        return send_signal(self.seams.send, self.events, signo, group, event)
 
     # ---- the one place a phase changes ---------------------------------------------------------
 

@@ -11,18 +11,16 @@ it cannot drain, only keep the promises that do not need the drain.
 
 from __future__ import annotations
 
-import os
 import signal
 
 from drainctl import exitcodes
 from drainctl.drain.budget import Budget
-from drainctl.drain.machine import AFTER_KILL, GROUP_POLL
+from drainctl.drain.machine import AFTER_KILL, GROUP_POLL, exit_fields, send_signal
 from drainctl.signames import signal_name
 
 TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (drain/machine.py)
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import Any
 
     from drainctl.events import Events
     from drainctl.options import Config
@@ -77,12 +75,7 @@ class Backstop:
 
     def app_exited(self, pid: int, status: int) -> None:
         self.app_status = status
-        fields: dict[str, Any] = {"pid": pid}
-        if os.WIFSIGNALED(status):
-            fields["signal"] = signal_name(os.WTERMSIG(status))
-        else:
-            fields["code"] = os.waitstatus_to_exitcode(status)
-        self.events.emit("child.exited", **fields)
+        self.events.emit("child.exited", **exit_fields(pid, status))
         self._app_gone(self.clock())
 
     def tick(self) -> None:
@@ -145,14 +138,4 @@ class Backstop:
         return min(at, self._t0 + self.config.grace_period)
 
     def _send(self, signo: int, group: bool, event: str | None = "signal.forwarded") -> int:
-        try:
-            pid = self.child.send(signo, group)
-        except ProcessLookupError:
-            return 0
-        except OSError as exc:
-            self.events.emit("warning", message=f"cannot send {signal_name(signo)} to the app: "
-                             f"{exc.strerror or exc}")
-            return 0
-        if event is not None:
-            self.events.emit(event, signal=signal_name(signo), pid=pid)
-        return pid
+        return send_signal(self.child.send, self.events, signo, group, event)
