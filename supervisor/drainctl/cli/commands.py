@@ -23,7 +23,9 @@ TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (see options.py
 if TYPE_CHECKING:
     from typing import Any
 
+    from drainctl.control.server import Server
     from drainctl.options import RawValue
+    from drainctl.pid1.supervisor import Supervisor
 
 __all__ = [
     "INTERVAL",
@@ -49,7 +51,6 @@ def fail(message: str, code: int = EXIT_USAGE) -> int:
 
 
 def run(raw: Mapping[str, RawValue], command: Sequence[str]) -> int:
-    from drainctl.control.server import serve_supervisor
     from drainctl.events import Events
     from drainctl.pid1.spawn import SpawnError
     from drainctl.pid1.supervisor import Supervisor
@@ -62,9 +63,19 @@ def run(raw: Mapping[str, RawValue], command: Sequence[str]) -> int:
         return fail(str(exc))
     events = Events(config.log_format)
     try:
-        return Supervisor(command, config, events, services=[serve_supervisor]).run()
+        return Supervisor(command, config, events, services=[_control_server]).run()
     except SpawnError as exc:
         return fail(str(exc), exc.code)
+
+
+def _control_server(supervisor: Supervisor) -> Server | None:
+    """`run`'s control channel, handed the drain and the loop it serves (never the supervisor)."""
+    from drainctl.control.server import Target, serve
+
+    child = supervisor.child
+    target = Target(drain=supervisor.drain, mode="supervisor", started_at=supervisor.started_at,
+                    app_pid=lambda: None if child is None else child.pid)
+    return serve(supervisor.config.control_socket, target, supervisor.events, supervisor.loop)
 
 
 def prestop(raw: Mapping[str, RawValue]) -> int:

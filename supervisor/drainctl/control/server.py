@@ -43,9 +43,8 @@ if TYPE_CHECKING:
     from drainctl.drain.machine import Drain
     from drainctl.events import Events
     from drainctl.pid1.loop import Loop
-    from drainctl.pid1.supervisor import Supervisor
 
-__all__ = ["Server", "Target", "parse_request", "serve_supervisor", "status_reply"]
+__all__ = ["Server", "Target", "parse_request", "serve", "status_reply"]
 
 _FLUSH_POLL = 0.05  # how soon to retry sending while output is pending (no write-readiness)
 _ACCEPT_BATCH = 16  # connections accepted per wake-up, so a flood cannot starve the loop
@@ -562,14 +561,13 @@ def _clear_stale(path: str) -> None:
     raise OSError(errno.EADDRINUSE, f"another drainctl already listens on {path}")
 
 
-def serve_supervisor(supervisor: Supervisor) -> Server | None:
-    """Open `drainctl run`'s server; on failure warn and go on without one (the app matters)."""
-    address = resolve_address(supervisor.config.control_socket)
-    child = supervisor.child
-    target = Target(drain=supervisor.drain, mode="supervisor", started_at=supervisor.started_at,
-                    app_pid=lambda: None if child is None else child.pid)
+def serve(
+    control_socket: str | None, target: Target, events: Events, loop: Loop
+) -> Server | None:
+    """Open a supervisor's server; on failure warn and go on without one (the app matters)."""
+    address = resolve_address(control_socket)
     try:
-        return Server.open(address, target, supervisor.events, supervisor.loop)
+        return Server.open(address, target, events, loop)
     except OSError as exc:
         fields: dict[str, Any] = {}
         if exc.errno == errno.EADDRINUSE:
@@ -588,6 +586,6 @@ def serve_supervisor(supervisor: Supervisor) -> Server | None:
                            "ours: prestop and status will refuse to talk to it")
         else:
             why = exc.strerror or str(exc)
-        supervisor.events.emit("warning", message=f"control socket {address}: {why}; "
-                               "prestop and status cannot reach this supervisor", **fields)
+        events.emit("warning", message=f"control socket {address}: {why}; "
+                    "prestop and status cannot reach this supervisor", **fields)
         return None
