@@ -422,16 +422,21 @@ class Runc(PodRuntime):
     name = "runc"
 
     def __init__(self, procs: Processes, cleanups: list[Callable[[], None]], *,
-                 frozen: bool = True, java_classes: Path | None = None) -> None:
+                 frozen: bool = True, java_classes: Sequence[Path] | None = None) -> None:
         super().__init__(procs)
         self.cleanups = cleanups
         self.frozen = frozen
         self.binds = [Bind(Path("/usr"), "/usr"), *python_binds(), *source_binds()]
         if java_classes is not None:
-            # pytest makes its directories 0700: nonroot must read the classes.
-            for path in [java_classes, *java_classes.rglob("*")]:
-                path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
-            self.binds += [*java_binds(), Bind(java_classes, str(java_classes))]
+            # The class path: the demo's classes and the filter's jar, built in one directory
+            # of the test session's (Tomcat's own jars are under /usr, bound already).
+            built = {p.parent for p in java_classes if not p.is_relative_to("/usr")}
+            for top in built:
+                # pytest makes its directories 0700: nonroot must read the classes.
+                for path in [top, *top.rglob("*")]:
+                    path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
+                self.binds.append(Bind(top, str(top)))
+            self.binds += java_binds()
         self.containers: list[Container] = []
         cleanups.append(self._delete_all)
 
@@ -447,6 +452,9 @@ class Runc(PodRuntime):
         env.pop("DRAINCTL_DOWN_STATE", None)
         env.setdefault("PYTHONPATH", f"{ROOT / 'supervisor'}:{ROOT}")
         env.setdefault("PYTHONDONTWRITEBYTECODE", "1")  # the checkout is read-only in there
+        # A JVM's temporary files (Tomcat's work directory) go to the container's own /tmp.
+        argv = [("-Djava.io.tmpdir=/tmp" if a.startswith("-Djava.io.tmpdir=") else a)
+                for a in argv]
         container = Container(container_id, self.procs.tmp / "bundles" / container_id,
                               list(argv), env, netns=net.name, binds=list(self.binds),
                               drainctl=FROZEN if self.frozen else None, tmp=tmp)
