@@ -90,6 +90,10 @@ OPTIONS: tuple[Option, ...] = (
            "SIGKILL.", "10s"),
     Option("idle_grace", "A connection idle (no data either way, empty queues) this long stops "
            "holding the drain. Default: off."),
+    Option("close_idle", "After the delay (and the down call), close each keep-alive connection "
+           "of the app's ports the moment it is idle between requests, as the server's own "
+           "keep-alive timeout would: for apps that cannot be changed (needs CAP_SYS_PTRACE or "
+           "the app's uid; README.md, --close-idle).", None, "flag"),
     Option("probe_path", "After a successful down call, one keep-alive request to this path "
            "checks that the app now answers 'Connection: close'.", "/"),
     Option("no_probe", "Skip that check.", None, "flag"),
@@ -169,7 +173,7 @@ class Config:
     __slots__ = ("control_socket", "delay", "down_method", "down_timeout", "down_url",
                  "drain_timeout", "exit_code_map", "grace_period", "idle_grace", "log_format",
                  "poll_interval", "ports", "probe_path", "settle", "single_child",
-                 "stop_signal", "stop_timeout", "termination_log")
+                 "stop_signal", "stop_timeout", "termination_log", "close_idle")
 
     def __init__(
         self,
@@ -192,6 +196,7 @@ class Config:
         log_format: str = "auto",
         single_child: bool = False,
         exit_code_map: Mapping[int, int] | None = None,
+        close_idle: bool = False,
     ) -> None:
         self.delay = delay
         self.down_url = down_url
@@ -211,6 +216,7 @@ class Config:
         self.log_format = log_format
         self.single_child = single_child
         self.exit_code_map: Mapping[int, int] = dict(exit_code_map or {})
+        self.close_idle = close_idle
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
@@ -309,6 +315,8 @@ def _build(values: Mapping[str, object]) -> Config:
         kwargs["log_format"] = fmt
     if values.get("single_child") is True:
         kwargs["single_child"] = True
+    if values.get("close_idle") is True:
+        kwargs["close_idle"] = True
     ports = values.get("port")
     if isinstance(ports, list):
         kwargs["ports"] = tuple(

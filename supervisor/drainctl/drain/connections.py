@@ -27,16 +27,18 @@ import os
 import socket
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
     "METHODS",
     "Counter",
     "Counts",
     "PortCounts",
+    "SocketInfo",
     "all_listening_ports",
     "listening_ports",
     "make_counter",
+    "sockets",
 ]
 
 METHODS = ("netlink", "proc", "psutil")
@@ -82,10 +84,14 @@ _REPLY = struct.Struct("=I13xB2xBB")
 _REPLY_MIN = 16 + 72  # nlmsghdr + struct inet_diag_msg
 _QUEUES = struct.Struct("=II")  # idiag_rqueue, idiag_wqueue
 _QUEUES_AT = 16 + 56
+_UID_INODE = struct.Struct("=II")  # idiag_uid, idiag_inode
+_UID_INODE_AT = 16 + 64
 # struct tcp_info (linux/tcp.h): tcpi_last_data_sent at 44, tcpi_last_data_recv at 52, in ms.
 _TCPI_LAST_DATA = struct.Struct("=I4xI")
 _TCPI_LAST_DATA_AT = 44
 _TCPI_MIN = _TCPI_LAST_DATA_AT + _TCPI_LAST_DATA.size
+# tcpi_last_data_sent, _last_ack_sent (unused by Linux), _last_data_recv, _last_ack_recv
+_TCPI_LAST = struct.Struct("=IIII")
 _NLMSGHDR_HEAD = struct.Struct("=IH")  # nlmsg_len, nlmsg_type
 _U32 = struct.Struct("=I")
 _U16 = struct.Struct("=H")
@@ -120,6 +126,10 @@ class Counts:
 
     ports: dict[int, PortCounts]
     method: str
+    # --close-idle (drain/closer.py): connections closed before this count, per port, and the
+    # one warning to log when closing cannot work here (then the drain waits instead).
+    closed: dict[int, int] = field(default_factory=dict)
+    warning: str | None = None
 
     @property
     def established(self) -> int:
@@ -252,6 +262,56 @@ def listening_ports(pid: int) -> list[int]:
                 if not unseen:
                     return sorted(found)
     return sorted(found)
+
+
+@dataclass(frozen=True, slots=True)
+class SocketInfo:
+    """One TCP socket from a sock_diag dump, with what --close-idle needs (drain/closer.py)."""
+
+    port: int  # local
+    state: int  # TCP_ESTABLISHED...
+    uid: int
+    inode: int
+    rqueue: int  # bytes received, not yet read by the app
+    wqueue: int  # bytes sent, not yet acknowledged
+    last_data_sent_ms: int | None  # tcp_info; None when the kernel sent none
+    last_data_recv_ms: int | None
+    last_ack_recv_ms: int | None
+
+
+def sockets(ports: Sequence[int], states: int = 1 << TCP_ESTABLISHED) -> list[SocketInfo]:
+    """Every TCP socket (IPv4 and IPv6) on a local port in `ports` and in one of `states` (a
+    bitmask of 1 << TCP_*), one netlink dump per family with tcp_info. Raises OSError."""
+    wanted = sorted({_check_port(p) for p in ports})
+    if not wanted:
+        return []
+    try:
+        return _sockets(wanted, states, eq_ops=True)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return _sockets(wanted, states, eq_ops=False)  # before Linux 4.17: no S_EQ
+
+
+def _sockets(ports: list[int], states: int, *, eq_ops: bool) -> list[SocketInfo]:
+    found: list[SocketInfo] = []
+    bytecode = _port_filter(ports, eq_ops=eq_ops)
+    with _diag_socket() as sock:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            ext = 1 << (INET_DIAG_INFO - 1)
+            for buf, start, end, stride in _dump(sock, family, states, ext, bytecode):
+                for off, length in _replies(buf, start, end, stride):
+                    _length, state, port_hi, port_lo = _REPLY.unpack_from(buf, off)
+                    rqueue, wqueue = _QUEUES.unpack_from(buf, off + _QUEUES_AT)
+                    uid, inode = _UID_INODE.unpack_from(buf, off + _UID_INODE_AT)
+                    info = _find_tcp_info(buf, off + _REPLY_MIN, off + length)
+                    sent = received = acked = None
+                    if info >= 0:
+                        sent, _, received, acked = _TCPI_LAST.unpack_from(
+                            buf, info + 4 + _TCPI_LAST_DATA_AT)
+                    found.append(SocketInfo(port_hi << 8 | port_lo, state, uid, inode, rqueue,
+                                            wqueue, sent, received, acked))
+    return found
 
 
 def all_listening_ports() -> list[int]:

@@ -149,6 +149,7 @@ class _Wait:
         self.zero_since: float | None = None
         self.last_event_at: float | None = None
         self.last_event_key: tuple[int, ...] | None = None
+        self.closed = 0  # --close-idle: connections closed so far
 
 
 class Record:
@@ -506,6 +507,13 @@ class Drain:
             self.events.emit("connections.error", error=f"{type(result).__name__}: {result}")
             return
         wait.last = result
+        if result.warning:
+            self.events.emit("warning", message=result.warning)
+        if result.closed:
+            closed = sum(result.closed.values())
+            wait.closed += closed
+            self.events.emit("connections.closed", count=closed, total=wait.closed,
+                             ports=sorted(result.closed))
         key = tuple(result.ports[p].established for p in sorted(result.ports))
         if key != wait.last_event_key or (
             wait.last_event_at is not None and sampled - wait.last_event_at >= 1.0
