@@ -109,7 +109,7 @@ def start_app(procs: Processes, *drain_args: str, prefix: tuple[str, ...] = (),
     return proc, port
 
 
-# ---- the rule (pure) ------------------------------------------------------------------------------
+# ---- the rule (pure) -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("rq", "wq", "sent", "recv", "ack", "busy"), [
@@ -126,7 +126,7 @@ def test_in_flight_rule(rq: int, wq: int, sent: int, recv: int, ack: int, busy: 
     assert in_flight(rq, wq, sent, recv, ack) is busy
 
 
-# ---- the closer on its own, in this process ---------------------------------------------------
+# ---- the closer on its own, in this process ------------------------------------------------------
 
 
 def test_closer_closes_only_the_idle_connection_and_the_client_sees_a_fin() -> None:
@@ -139,7 +139,7 @@ def test_closer_closes_only_the_idle_connection_and_the_client_sees_a_fin() -> N
             client = socket.create_connection(("127.0.0.1", port))
             server, _ = listener.accept()
             pairs.append((client, server))
-        (c_idle, s_idle), (c_busy, s_busy), (c_unread, s_unread) = pairs
+        (c_idle, s_idle), (c_busy, s_busy), (c_unread, _) = pairs
         try:
             c_idle.sendall(b"req")
             assert s_idle.recv(3) == b"req"
@@ -232,7 +232,7 @@ def test_a_request_in_the_same_clock_tick_as_the_answer_is_never_cut() -> None:
             server.close()
 
 
-# ---- drainctl run --close-idle ------------------------------------------------------------------
+# ---- drainctl run --close-idle -------------------------------------------------------------------
 
 
 def test_an_unchanged_app_is_drained_by_closing_its_idle_connections(procs: Processes) -> None:
@@ -281,7 +281,7 @@ def test_without_close_idle_the_same_app_holds_the_drain_to_the_deadline(
     assert all(c.left_at is None or c.left_at >= stopped_at for c in fast)
 
 
-# ---- when it cannot work: one warning, then the drain waits ---------------------------------------
+# ---- when it cannot work: one warning, then the drain waits --------------------------------------
 
 needs_setpriv = pytest.mark.skipif(
     not (IS_ROOT and shutil.which("setpriv")), reason="needs root and setpriv(1)"

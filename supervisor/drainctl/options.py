@@ -170,10 +170,10 @@ class Config:
     """Validated settings. A plain class, not a dataclass: `run` imports this module, and
     dataclasses (with inspect, ast, dis) cost PID 1 ~18 ms and 2 MiB (bench_startup.py)."""
 
-    __slots__ = ("control_socket", "delay", "down_method", "down_timeout", "down_url",
-                 "drain_timeout", "exit_code_map", "grace_period", "idle_grace", "log_format",
-                 "poll_interval", "ports", "probe_path", "settle", "single_child",
-                 "stop_signal", "stop_timeout", "termination_log", "close_idle")
+    __slots__ = ("close_idle", "control_socket", "delay", "down_method", "down_timeout",
+                 "down_url", "drain_timeout", "exit_code_map", "grace_period", "idle_grace",
+                 "log_format", "poll_interval", "ports", "probe_path", "settle", "single_child",
+                 "stop_signal", "stop_timeout", "termination_log")
 
     def __init__(
         self,

@@ -284,7 +284,9 @@ def process_tree(pid: int) -> list[int]:
         return []
 
 
-def can_close(app_pids: Iterable[int], getfd: Callable[[int, int], int] | None = None) -> str | None:
+def can_close(
+    app_pids: Iterable[int], getfd: Callable[[int, int], int] | None = None
+) -> str | None:
     """None when pidfd_getfd works here, on this process and on the first of `app_pids` that
     has a descriptor; else why not, in a few words (for `drainctl check` and the warning)."""
     if getfd is None:

@@ -182,7 +182,7 @@ class Supervisor:
             self.events.emit("warning", message=f"--close-idle is off: {exc}")
             return
 
-        def probed(result: str | None | Exception) -> None:
+        def probed(result: str | Exception | None) -> None:
             if isinstance(result, Exception):
                 self.events.emit("error", where="job:close-probe", type=type(result).__name__,
                                  message=str(result)[:500])
