@@ -249,8 +249,9 @@ def python_app(mode: str, pod: str) -> tuple[list[str], dict[str, str]]:
     return argv, {"E2E_APP_MODE": mode, "E2E_POD": pod}
 
 
-def java_app(classes: Path, pod: str) -> tuple[list[str], dict[str, str]]:
-    return ["java", "-cp", str(classes), "io.drainctl.e2e.E2eApp", str(APP_PORT), pod], {}
+def java_app(classes: Path, pod: str, naive: bool = False) -> tuple[list[str], dict[str, str]]:
+    argv = ["java", "-cp", str(classes), "io.drainctl.e2e.E2eApp", str(APP_PORT), pod]
+    return [*argv, "naive"] if naive else argv, {}
 
 
 def compile_java(out: Path) -> Path:
@@ -548,6 +549,7 @@ def figures(name: str, samples: Sequence[Sample], deletion: Deletion, pod: Pod,
     events = pod.events()
     finished = next((e for e in events if e["event"] == "drain.finished"), None)
     escalated = any(e["event"] == "kill.escalated" for e in events)
+    closed = [e for e in events if e["event"] == "connections.closed"]
 
     def at(name: str) -> float | None:
         """When drainctl logged `name` (its first), in seconds from the deletion."""
@@ -602,4 +604,10 @@ def figures(name: str, samples: Sequence[Sample], deletion: Deletion, pod: Pod,
         "slow_running_at_down": slow_running(down_s),
         "slow_running_at_stop": slow_running(stop_s),
         "gateway_marked_upstream_down": gateway.marked_down(),
+        # --close-idle: how many connections drainctl closed, and when (first, last)
+        "connections_closed": sum(e.get("count", 0) for e in closed),
+        "closed_window_s": (
+            [round(closed[0]["ts"] - deletion.t0_wall, 2),
+             round(closed[-1]["ts"] - deletion.t0_wall, 2)] if closed else None
+        ),
     }

@@ -41,6 +41,7 @@ from drainctl.drain.connections import TCP_ESTABLISHED, SocketInfo, sockets
 __all__ = [
     "FIX",
     "MIN_IDLE",
+    "POLL",
     "Closer",
     "Pass",
     "can_close",
@@ -49,11 +50,17 @@ __all__ = [
     "process_tree",
 ]
 
-# A connection is closed only once no data moved either way for this long. A client that sends
-# its next request right after a response (back-to-back, or a gateway that hands the connection
-# it just got back to the next request) does so within a round trip: closing in that moment is
-# the one window in which a request can meet the close (docs/e2e.md measures it).
+# When a connection is closed: the one risk is a request that the client sends at the very
+# moment the close reaches it (README.md, "--close-idle"). A client that got its answer sends its
+# next one either at once (back to back: within a round trip, well under MIN_IDLE) or after a
+# pause of its own; a gateway hands a kept connection to the next request of the same client
+# first. So the close comes in the quiet moment right after an answer, from MIN_IDLE to YOUNG,
+# before a paced client's next request, and the drain counts at least every POLL so that every
+# connection is seen once in that window. A connection silent for QUIET is one nobody uses now.
 MIN_IDLE = 0.02  # seconds
+YOUNG = 0.06
+QUIET = 1.0
+POLL = YOUNG - MIN_IDLE
 
 FIX = ('add CAP_SYS_PTRACE to drainctl\'s container (securityContext: capabilities: add: '
        '["SYS_PTRACE"]), run drainctl as the app\'s user, or close connections in the app '
@@ -94,7 +101,12 @@ def _candidate(s: SocketInfo, min_idle_ms: float) -> bool:
         return False
     if in_flight(s.rqueue, s.wqueue, sent, received, acked):
         return False
-    return min(sent, received) >= min_idle_ms
+    return _moment(min(sent, received), min_idle_ms)
+
+
+def _moment(idle_ms: float, min_idle_ms: float) -> bool:
+    """Whether a connection idle for `idle_ms` may be closed now (see MIN_IDLE)."""
+    return min_idle_ms <= idle_ms <= YOUNG * 1000.0 or idle_ms >= QUIET * 1000.0
 
 
 class Pass:
@@ -263,7 +275,7 @@ def _idle_now(sock: socket.socket, min_idle_ms: float) -> bool:
     if len(info) < _TCP_INFO.size:
         return False
     state, sent, received, acked = _TCP_INFO.unpack_from(info)
-    if state != TCP_ESTABLISHED or min(sent, received) < min_idle_ms:
+    if state != TCP_ESTABLISHED or not _moment(min(sent, received), min_idle_ms):
         return False
     outq = _INT.unpack(fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0" * 4))[0]
     inq = _INT.unpack(fcntl.ioctl(sock.fileno(), SIOCINQ, b"\0" * 4))[0]

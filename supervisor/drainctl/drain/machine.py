@@ -80,6 +80,8 @@ _ALLOWED: dict[Phase, frozenset[Phase]] = {
 GROUP_POLL = 0.05
 AFTER_KILL = 2.0
 
+CLOSE_IDLE_POLL = 0.04  # drain/closer.py: POLL
+
 _REASONS_OK = frozenset({"drained", "no-ports", "child-exited", "forced"})
 
 
@@ -490,7 +492,9 @@ class Drain:
             return
         if not wait.count_pending and now >= wait.next_count_at:
             wait.count_pending = True
-            wait.next_count_at = now + self.config.poll_interval
+            # --close-idle acts in the moment right after an answer: it looks often enough
+            wait.next_count_at = now + (min(self.config.poll_interval, CLOSE_IDLE_POLL)
+                                        if self.config.close_idle else self.config.poll_interval)
             ports, grace, sampled = list(wait.ports), self.config.idle_grace, now
             self.seams.runner.submit(
                 lambda: self.seams.count(ports, grace),

@@ -17,7 +17,9 @@ import java.util.concurrent.Executors;
  * over its veth, not over loopback) and names its pod in {@code X-Pod}. The down contract is the
  * incident's: {@code /ok.htm?down=true}; {@code /ok.htm} is the health page and stays 200.
  *
- * <p>Run: {@code java -cp out io.drainctl.e2e.E2eApp PORT POD}; prints "ready PORT" once it listens.
+ * <p>Run: {@code java -cp out io.drainctl.e2e.E2eApp PORT POD [naive]}; prints "ready PORT" once it
+ * listens. {@code naive}: without the filter, an app that was never changed (no down endpoint, never
+ * {@code Connection: close}), for drainctl's {@code --close-idle}.
  */
 public final class E2eApp {
     private static final double SLOW_MAX = 10.0;
@@ -27,10 +29,11 @@ public final class E2eApp {
     public static void main(String[] args) throws IOException {
         int port = Integer.parseInt(args[0]);
         String pod = args.length > 1 ? args[1] : "?";
+        boolean naive = args.length > 2 && args[2].equals("naive");
         HttpServer server = HttpServer.create(new InetSocketAddress(port), 128);
         DrainDemo.DrainFilter drain =
                 new DrainDemo.DrainFilter("/ok.htm", "down=true", Set.of("/ok.htm"), "/readyz");
-        server.createContext("/", exchange -> {
+        var context = server.createContext("/", exchange -> {
             String body = "ok\n";
             if (exchange.getRequestURI().getPath().equals("/slow")) {
                 sleep(seconds(exchange.getRequestURI().getRawQuery()));
@@ -43,7 +46,10 @@ public final class E2eApp {
             try (OutputStream out = exchange.getResponseBody()) {
                 out.write(bytes);
             }
-        }).getFilters().add(drain);
+        });
+        if (!naive) {
+            context.getFilters().add(drain);
+        }
         // Idle keep-alive connections cost no thread in com.sun.net.httpserver; a thread per
         // request in flight is what the slow requests need.
         server.setExecutor(Executors.newCachedThreadPool());
