@@ -15,6 +15,7 @@ import select
 import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from drainctl.drain.closer import MIN_IDLE, Closer, can_close, in_flight, process_tree
-from tests.conftest import IS_ROOT, Proc, Processes, app, drainctl_argv, wait_for
+from tests.conftest import IS_ROOT, Proc, Processes, app, drainctl_argv, inner_pid, wait_for
 from tests.traffic import free_port
 
 REQUEST = b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -339,3 +340,39 @@ def test_can_close_tells_why_not(procs: Processes) -> None:
     mine = procs.start(app("httpapp.py", "--port", str(free_port())))
     mine.wait_output("listening")
     assert can_close(process_tree(mine.pid)) is None
+
+
+# ---- drainctl check ------------------------------------------------------------------------------
+
+needs_unshare = pytest.mark.skipif(
+    not (IS_ROOT and shutil.which("unshare")), reason="needs root and unshare(1)"
+)
+
+
+def check_line(procs: Processes, prefix: tuple[str, ...] = ()) -> str:
+    """`drainctl check --close-idle` in a PID namespace whose PID 1 is an app of ours."""
+    port = free_port()
+    pid1 = procs.start(["unshare", "--pid", "--fork", "--mount-proc", *prefix,
+                        *app("httpapp.py", "--port", str(port))])
+    pid1.wait_output("listening")
+    inner = inner_pid(pid1)
+    done = subprocess.run(
+        ["nsenter", "--target", str(inner), "--pid", "--mount", *prefix, *drainctl_argv(),
+         "check", "--close-idle", "--control-socket", "@drainctl-test-none"],
+        capture_output=True, text=True, timeout=30,
+    )
+    lines = [x for x in done.stdout.splitlines() if x.startswith("close-idle:")]
+    assert len(lines) == 1, done.stdout + done.stderr
+    return lines[0]
+
+
+@needs_unshare
+def test_check_says_close_idle_can_work_on_an_app_of_the_same_uid(procs: Processes) -> None:
+    line = check_line(procs)
+    assert "on; can work here" in line and "pid 1" in line, line
+
+
+@needs_unshare
+def test_check_says_why_close_idle_cannot_work_under_a_seccomp_filter(procs: Processes) -> None:
+    line = check_line(procs, prefix=(*app("seccomp_deny.py"), "--"))
+    assert "cannot work here" in line and "seccomp" in line and "SYS_PTRACE" in line, line

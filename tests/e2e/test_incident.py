@@ -219,7 +219,15 @@ def test_unmodified_app(
     f = run(cluster, scenario, classes, tmp_path)
     record_figures(f)
     if close_idle:
-        assert_no_failure(f)
+        # As assert_no_failure, but the pod's time is a figure here, not asserted: a connection
+        # whose client sends its next slow request at once after each answer is never idle, and
+        # is closed only when a gap comes (README.md, "--close-idle"). It still drains before
+        # the deadline (`drained`, not `timeout`).
+        assert f["failures"] == 0, timeline(f)
+        assert not f["sigkill"] and not f["drainctl_kill_escalated"], timeline(f)
+        assert f["drain"] is not None and f["drain"]["reason"] == "drained", timeline(f)
+        assert f["gateway_marked_upstream_down"] == 0, timeline(f)
+        assert f["requests"] > 100, timeline(f)
         assert f["connections_closed"] >= 1, timeline(f)
     else:
         assert f["requests"] > 100, f  # figures only: what waiting alone costs
