@@ -445,3 +445,46 @@ def test_a_failed_forward_is_a_warning_not_a_crash() -> None:
     got = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [e["event"] for e in got] == ["signal.received", "warning"]
     assert "not permitted" in got[-1]["message"]
+
+
+def test_close_idle_reports_what_the_count_job_closed_and_counts_every_40ms() -> None:
+    """--close-idle: each count job closes first; the drain logs `connections.closed` (this
+    round, the total, the ports) only when it closed some, logs the job's one warning, and
+    counts at least every 40 ms (drain/closer.py: POLL)."""
+    clock = FakeClock()
+    world = World(clock=clock, counts=lambda t: 3 if t < 5.1 else (1 if t < 5.2 else 0))
+    sampled: list[float] = []
+    base = world.count
+
+    def count(ports: Sequence[int], idle_grace: float | None) -> Counts:
+        sampled.append(world.t())
+        counts = base(ports, idle_grace)
+        t = world.t()
+        closed = {ports[0]: 2} if 5.05 < t < 5.1 else ({ports[0]: 1} if 5.15 < t < 5.2 else {})
+        warning = "cannot" if len(sampled) == 1 else None
+        return Counts(ports=counts.ports, method="fake", closed=closed, warning=warning)
+
+    world.count = count  # type: ignore[method-assign]
+    _drain, events = simulate(cfg(close_idle=True, down_url=None, settle=0.5), world)
+    closed = [e for e in events if e["event"] == "connections.closed"]
+    assert [(e["count"], e["total"], e["ports"]) for e in closed] == [
+        (2, 2, [8080]), (1, 3, [8080])]
+    assert [e["message"] for e in events if e["event"] == "warning"] == ["cannot"]
+    gaps = [b - a for a, b in itertools.pairwise(sampled)]
+    assert gaps and max(gaps) <= 0.04 + 1e-6
+    assert finished(events)["reason"] == "drained"
+
+
+def test_without_close_idle_the_count_follows_poll_interval() -> None:
+    world = World(clock=FakeClock(), counts=lambda t: 1 if t < 5.5 else 0)
+    sampled: list[float] = []
+    base = world.count
+
+    def count(ports: Sequence[int], idle_grace: float | None) -> Counts:
+        sampled.append(world.t())
+        return base(ports, idle_grace)
+
+    world.count = count  # type: ignore[method-assign]
+    simulate(cfg(down_url=None), world)
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(sampled)]
+    assert gaps and min(gaps) >= 0.1 - 1e-6

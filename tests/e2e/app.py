@@ -4,6 +4,8 @@
                            `Connection: close` and the server closes; /ok.htm stays 200
     E2E_APP_MODE=incident  the incident's app: after the down call every request, /ok.htm
                            included, is answered 503 "halting" and the connection is closed
+    E2E_APP_MODE=naive     an app that was never changed: no down endpoint, no middleware, never
+                           `Connection: close` (for `--close-idle`, docs/e2e.md)
 
 Both keep the incident's down contract, `/ok.htm?down=true`. Routes: `/slow?s=N` answers after N
 seconds, anything else at once; every answer names its pod (`X-Pod`, from E2E_POD) so the load
@@ -45,10 +47,11 @@ def inner(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[b
     return [body]
 
 
-# DrainMiddleware gives both modes the down endpoint and the close after down (gunicorn gthread
-# drops an app's own Connection header: docs/app-side.md). In the incident's mode /ok.htm is not
-# a health path, so it reaches `inner` and turns 503 after down, as the incident's ok.htm did.
-application = DrainMiddleware(
+# The naive mode is `inner` alone. DrainMiddleware gives the other two the down endpoint and the
+# close after down (gunicorn gthread drops an app's own Connection header: docs/app-side.md). In
+# the incident's mode /ok.htm is not a health path, so it reaches `inner` and turns 503 after
+# down, as the incident's ok.htm did.
+application = inner if MODE == "naive" else DrainMiddleware(
     inner,
     down_path="/ok.htm",
     down_query="down=true",

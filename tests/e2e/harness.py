@@ -277,12 +277,16 @@ def python_app(mode: str, pod: str) -> tuple[list[str], dict[str, str]]:
     return argv, {"E2E_APP_MODE": mode, "E2E_POD": pod}
 
 
-def java_app(classpath: Sequence[Path], pod: str) -> tuple[list[str], dict[str, str]]:
+def java_app(
+    classpath: Sequence[Path], pod: str, naive: bool = False
+) -> tuple[list[str], dict[str, str]]:
     """examples/java's DrainFilter, as dist/drainctl-servlet-jakarta.jar, in embedded Tomcat 10
-    (examples/java/tomcat), on every address (the LB reaches the pod over its veth)."""
+    (examples/java/tomcat), on every address (the LB reaches the pod over its veth); `naive`:
+    the same app without the filter, never changed (no down endpoint, keeps connections)."""
     return [
         "java", "-Ddrainctl.downPath=/ok.htm", "-Ddrainctl.downQuery=down=true",
         f"-Ddrainctl.pod={pod}",
+        *(["-Ddrainctl.filter=off"] if naive else []),
         # Tomcat's work directory in the session's own temporary directory: a pod that is
         # SIGKILLed at the end of a test (pod b) never removes it.
         f"-Djava.io.tmpdir={classpath[0].parent}",
@@ -615,6 +619,7 @@ def figures(name: str, samples: Sequence[Sample], deletion: Deletion, pod: Pod,
     events = pod.events()
     finished = next((e for e in events if e["event"] == "drain.finished"), None)
     escalated = any(e["event"] == "kill.escalated" for e in events)
+    closed = [e for e in events if e["event"] == "connections.closed"]
 
     def at(name: str) -> float | None:
         """When drainctl logged `name` (its first), in seconds from the deletion."""
@@ -671,4 +676,10 @@ def figures(name: str, samples: Sequence[Sample], deletion: Deletion, pod: Pod,
         "gateway": gateway.kind,
         "gateway_marked_upstream_down": gateway.marked_down(),
         **gateway.details(),
+        # --close-idle: how many connections drainctl closed, and when (first, last)
+        "connections_closed": sum(e.get("count", 0) for e in closed),
+        "closed_window_s": (
+            [round(closed[0]["ts"] - deletion.t0_wall, 2),
+             round(closed[-1]["ts"] - deletion.t0_wall, 2)] if closed else None
+        ),
     }

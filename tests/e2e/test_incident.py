@@ -83,7 +83,8 @@ class Scenario:
     app: str  # "python" (gunicorn + DrainMiddleware) or "java" (DrainFilter's jar in Tomcat 10)
     drainctl: bool  # drainctl run is PID 1; otherwise the app itself is
     hook: str  # "prestop" (drainctl prestop), "old" (sleep, then the down URL), "none"
-    mode: str = "fixed"  # the Python app: "fixed" or "incident"
+    mode: str = "fixed"  # "fixed", "incident" (Python only), "naive" (never changed, no down URL)
+    close_idle: bool = False  # drainctl --close-idle
     gateway: str = "haproxy"  # or "nginx"
 
 
@@ -121,7 +122,7 @@ def run(
         net = cluster.network(name)
         if scenario.app == "java":
             assert java_classes is not None
-            app_argv, env = java_app(java_classes, name)
+            app_argv, env = java_app(java_classes, name, naive=scenario.mode == "naive")
         else:
             app_argv, env = python_app(scenario.mode, name)
         # The shared down state in the test's own directory, not in the host's /dev/shm.
@@ -131,6 +132,10 @@ def run(
             argv = [*drainctl, "run", "--", *app_argv]
             env.update(DRAINCTL_ENV)
             env.update(GATEWAY_DRAINCTL_ENV.get(scenario.gateway, {}))
+            if scenario.mode == "naive":
+                del env["DRAINCTL_DOWN_URL"]  # it has none
+            if scenario.close_idle:
+                env["DRAINCTL_CLOSE_IDLE"] = "true"
         pods.append(runtime.pod(name, net, argv, env))
     for pod in pods:
         pod.wait_ready()
@@ -260,6 +265,40 @@ def test_drainctl(
     assert_no_failure(f)
     if hook == "prestop":
         assert f["hook_rc"] == 0, f
+
+
+# ---- an app that was never changed: no down URL, never `Connection: close` --------------------
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("app", ["python", "java"])
+@pytest.mark.parametrize("close_idle", [True, False], ids=["close-idle", "waiting"])
+def test_unmodified_app(
+    cluster: Cluster, tmp_path: Path, record_figures: Record, request: pytest.FixtureRequest,
+    app: str, close_idle: bool,
+) -> None:
+    """drainctl as PID 1 over the naive app, SIGTERM alone. With --close-idle drainctl closes
+    the app's keep-alive connections as each goes idle: no failure, no SIGKILL, drained within
+    the bound. Without it, nothing closes them: the drain waits to the budget's deadline."""
+    classes = request.getfixturevalue("java_classes") if app == "java" else None
+    how = "--close-idle" if close_idle else "no --close-idle"
+    scenario = Scenario(f"unmodified app, {how} ({app})", app, drainctl=True, hook="none",
+                        mode="naive", close_idle=close_idle)
+    f = run(cluster, scenario, classes, tmp_path)
+    record_figures(f)
+    if close_idle:
+        # As assert_no_failure, but the pod's time is a figure here, not asserted: a connection
+        # whose client sends its next slow request at once after each answer is never idle, and
+        # is closed only when a gap comes (README.md, "--close-idle"). It still drains before
+        # the deadline (`drained`, not `timeout`).
+        assert f["failures"] == 0, timeline(f)
+        assert not f["sigkill"] and not f["drainctl_kill_escalated"], timeline(f)
+        assert f["drain"] is not None and f["drain"]["reason"] == "drained", timeline(f)
+        assert f["gateway_marked_upstream_down"] == 0, timeline(f)
+        assert f["requests"] > 100, timeline(f)
+        assert f["connections_closed"] >= 1, timeline(f)
+    else:
+        assert f["requests"] > 100, f  # figures only: what waiting alone costs
+        assert f["connections_closed"] == 0, timeline(f)
 
 
 FROZEN = ROOT / "dist" / "drainctl"

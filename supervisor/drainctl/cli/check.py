@@ -96,6 +96,7 @@ def check(config: Config, given: Mapping[str, RawValue], out: TextIO | None = No
                              "connections (not called)")
 
     line("termination log", _termination_log(config.termination_log))
+    line("close-idle", _close_idle(config, status))
 
     out.write("\n" + _manifest(config, given, bool(problems)))
     if problems:
@@ -137,6 +138,27 @@ def _reachable(url: str, timeout: float) -> str | None:
         why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
         return f"{host}:{port} does not accept TCP connections ({why}): the down call would fail"
     return None
+
+
+def _close_idle(config: Config, status: Mapping[str, object] | None) -> str:
+    """Whether --close-idle can take the app's sockets here (README.md, "--close-idle")."""
+    from drainctl.drain.closer import FIX, can_close, has_sys_ptrace, process_tree
+
+    pid = status.get("pid") if status is not None else None
+    # The supervisor's app, else what runs here: PID 1's tree (a standalone prestop's view).
+    pids = process_tree(pid) if isinstance(pid, int) else process_tree(1)
+    pids = [p for p in pids if p != os.getpid()]
+    state = "on" if config.close_idle else "off"
+    try:
+        why = can_close(pids)
+    except Exception as exc:  # a dry run reports; it never fails on this
+        why = f"{type(exc).__name__}: {exc}"
+    if why is None:
+        whom = f"the app (pid {pids[0]})" if pids else "drainctl itself (no app found to try)"
+        caps = "with CAP_SYS_PTRACE" if has_sys_ptrace() else "without CAP_SYS_PTRACE"
+        return f"{state}; can work here: pidfd_getfd works on {whom}, {caps}"
+    return (f"{state}; cannot work here ({why}): a drain would wait for the connections "
+            f"instead. To fix, {FIX}")
 
 
 def _termination_log(path: str | None) -> str:

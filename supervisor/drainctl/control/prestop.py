@@ -250,7 +250,13 @@ def _standalone(
 
     loop = Loop(events, clock)
     # No `send`: the drain ends in DONE and never signals the app.
-    drain = Drain(config, events, real_seams(config, clock, loop.runner, auto_ports))
+    closer = None
+    if config.close_idle:  # the app is PID 1 here, and its tree
+        from drainctl.drain.closer import Closer, process_tree
+
+        closer = Closer(lambda: process_tree(1))
+    drain = Drain(config, events, real_seams(config, clock, loop.runner, auto_ports,
+                                             closer=lambda: closer))
     target = Target(drain=drain, mode="standalone", started_at=clock(), app_pid=lambda: None)
     server: Server | None
     try:

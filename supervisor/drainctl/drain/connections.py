@@ -100,6 +100,10 @@ _TCPI_MIN = _TCPI_LAST_DATA_AT + _TCPI_LAST_DATA.size
 _TCPI_DATA_SEGS = struct.Struct("=II")
 _TCPI_DATA_SEGS_AT = 152
 _TCPI_SEGS_MIN = _TCPI_DATA_SEGS_AT + _TCPI_DATA_SEGS.size
+_UID_INODE = struct.Struct("=II")  # idiag_uid, idiag_inode
+_UID_INODE_AT = 16 + 64
+# tcpi_last_data_sent, _last_ack_sent (unused by Linux), _last_data_recv, _last_ack_recv
+_TCPI_LAST = struct.Struct("=IIII")
 _NLMSGHDR_HEAD = struct.Struct("=IH")  # nlmsg_len, nlmsg_type
 _U32 = struct.Struct("=I")
 _U16 = struct.Struct("=H")
@@ -159,11 +163,16 @@ class PortCounts:
 class Counts:
     """One count: an entry per requested port (zeros included), and the method that made it."""
 
-    __slots__ = ("method", "ports")
+    __slots__ = ("closed", "method", "ports", "warning")
 
-    def __init__(self, ports: dict[int, PortCounts], method: str) -> None:
+    def __init__(self, ports: dict[int, PortCounts], method: str,
+                 closed: dict[int, int] | None = None, warning: str | None = None) -> None:
         self.ports = ports
         self.method = method
+        # --close-idle (drain/closer.py): connections closed before this count, per port, and
+        # the one warning to log when closing cannot work here (then the drain waits instead).
+        self.closed = closed if closed is not None else {}
+        self.warning = warning
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Counts):

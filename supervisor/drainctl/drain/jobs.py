@@ -13,6 +13,7 @@ TYPE_CHECKING = False  # no typing at run time: PID 1's start-up (machine.py)
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
+    from drainctl.drain.closer import Closer
     from drainctl.drain.connections import Counter, Counts
     from drainctl.drain.discovery import Discovery
     from drainctl.drain.downcall import DownResult, ProbeResult
@@ -29,8 +30,13 @@ def real_seams(
     lookup_ports: Callable[[], list[int] | Discovery],
     send: Callable[[int, bool], int] | None = None,
     group_alive: Callable[[], bool] = lambda: False,
+    closer: Callable[[], Closer | None] = lambda: None,
 ) -> Seams:
-    """The seams of a drain in production; `send` None: a standalone prestop."""
+    """The seams of a drain in production; `send` None: a standalone prestop.
+
+    `closer()`: with --close-idle, what closes the app's idle connections before each count
+    (drain/closer.py); the host makes it, and only with --close-idle (ctypes, off the start-up).
+    """
     counter: list[Counter] = []
 
     def count(ports: Sequence[int], idle_grace: float | None) -> Counts:
@@ -45,7 +51,14 @@ def real_seams(
                 # what is loaded already (_bundle).
                 return _bundle.fallback_count(list(ports))  # type: ignore[return-value]
             counter.append(make_counter())
-        return counter[0].count(ports, idle_grace)
+        closing = closer() if config.close_idle and ports else None
+        if closing is None:
+            return counter[0].count(ports, idle_grace)
+        # Close first, then count: a connection closed now no longer holds the drain.
+        done = closing.close_idle(ports)
+        counts = counter[0].count(ports, idle_grace)
+        counts.closed, counts.warning = done.closed, done.warning
+        return counts
 
     call_down: Callable[[float], DownResult] | None = None
     probe: Callable[[], ProbeResult] | None = None

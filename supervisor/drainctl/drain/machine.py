@@ -82,6 +82,9 @@ _ALLOWED: dict[Phase, frozenset[Phase]] = {
 GROUP_POLL = 0.05
 AFTER_KILL = 2.0
 
+CLOSE_IDLE_POLL = 0.04  # drain/closer.py: POLL
+
+
 def exit_fields(pid: int, status: int) -> dict[str, Any]:
     """The `child.exited` event's fields for a wait status: `code`, or the `signal` it died of."""
     if os.WIFSIGNALED(status):
@@ -173,6 +176,7 @@ class _Wait:
         self.lookup_started_at = 0.0
         self.warned = False  # a lookup's guess is logged once per drain
         self.detail: str | None = None  # why the lookup found no ports
+        self.closed = 0  # --close-idle: connections closed so far
 
 
 class Record:
@@ -514,7 +518,9 @@ class Drain:
             return
         if not wait.count_pending and now >= wait.next_count_at:
             wait.count_pending = True
-            wait.next_count_at = now + self.config.poll_interval
+            # --close-idle acts in the moment right after an answer: it looks often enough
+            wait.next_count_at = now + (min(self.config.poll_interval, CLOSE_IDLE_POLL)
+                                        if self.config.close_idle else self.config.poll_interval)
             ports, grace, sampled = list(wait.ports), self.config.idle_grace, now
             self.seams.runner.submit(
                 lambda: self.seams.count(ports, grace),
@@ -533,6 +539,13 @@ class Drain:
                 self._job_failed("count", result)
             return
         wait.last = result
+        if result.warning:
+            self.events.emit("warning", message=result.warning)
+        if result.closed:
+            closed = sum(result.closed.values())
+            wait.closed += closed
+            self.events.emit("connections.closed", count=closed, total=wait.closed,
+                             ports=sorted(result.closed))
         key = tuple(result.ports[p].established for p in sorted(result.ports))
         if key != wait.last_event_key or (
             wait.last_event_at is not None and sampled - wait.last_event_at >= 1.0

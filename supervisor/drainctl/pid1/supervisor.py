@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from typing import Protocol
 
+    from drainctl.drain.closer import Closer
     from drainctl.drain.discovery import Discovery
     from drainctl.events import Events
     from drainctl.options import Config
@@ -69,9 +70,10 @@ class Supervisor:
         self.started_at = clock()
         self.loop = Loop(events, clock)
         self.child: Child | None = None
+        self.closer: Closer | None = None  # --close-idle, made once the app runs
         self.drain = Drain(config, events, real_seams(
             config, clock, self.loop.runner_for("drain"), self._lookup_ports, send=self._send,
-            group_alive=self._group_alive))
+            group_alive=self._group_alive, closer=lambda: self.closer))
         self.backstop: Backstop | None = None
         self._first_sigterm: float | None = None
         self._open_services = list(services)
@@ -96,6 +98,8 @@ class Supervisor:
         self.drain.app_started(child.pid, self.argv)
         self.loop.add(_Reaper(child.pid, self._on_app_exit))
         self.loop.add(self.drain)
+        if self.config.close_idle:
+            self._open_closer(child.pid)
         # After the spawn: a service that fails to open only warns, and never delays the app.
         for open_service in self._open_services:
             service = open_service(self)
@@ -174,6 +178,25 @@ class Supervisor:
 
     def _group_alive(self) -> bool:
         return self.child is not None and self.child.group_alive()
+
+    def _open_closer(self, app_pid: int) -> None:
+        """--close-idle: the closer, and a first look (off the loop) whether it can work here."""
+        try:
+            from drainctl.drain.closer import Closer, process_tree
+
+            self.closer = closer = Closer(lambda: process_tree(app_pid))
+        except Exception as exc:  # e.g. no ctypes in a stripped build: the drain waits instead
+            self.events.emit("warning", message=f"--close-idle is off: {exc}")
+            return
+
+        def probed(result: str | Exception | None) -> None:
+            if isinstance(result, Exception):
+                self.events.emit("error", where="job:close-probe", type=type(result).__name__,
+                                 message=str(result)[:500])
+            elif result:
+                self.events.emit("warning", message=result)
+
+        self.loop.runner_for("drain").submit(closer.probe, probed)
 
     def _lookup_ports(self) -> Discovery | list[int]:
         # Every process drainctl is responsible for, not only the app's tree (a daemonized

@@ -34,7 +34,8 @@ import org.apache.catalina.startup.Tomcat;
  * WEBAPP (a directory with {@code WEB-INF/web.xml}, {@code WEB-INF/lib},
  * {@code WEB-INF/classes}) Tomcat deploys it as a web application, so registration by
  * {@code web.xml} or by {@code @WebFilter} scanning is Tomcat's own.
- * {@code -Ddrainctl.downPath=/ok.htm -Ddrainctl.downQuery=down=true}: the incident's down URL.
+ * {@code -Ddrainctl.downPath=/ok.htm -Ddrainctl.downQuery=down=true}: the incident's down URL;
+ * {@code -Ddrainctl.filter=off}: no filter at all, an app that was never changed.
  */
 public final class TomcatDemo {
     private TomcatDemo() {}
@@ -43,6 +44,12 @@ public final class TomcatDemo {
     public static final class Register implements ServletContainerInitializer {
         @Override
         public void onStartup(Set<Class<?>> classes, ServletContext ctx) {
+            ServletRegistration.Dynamic app = ctx.addServlet("demo", DemoServlet.class);
+            app.addMapping("/");
+            // -Ddrainctl.filter=off: an app that was never changed (drainctl run --close-idle).
+            if ("off".equals(System.getProperty("drainctl.filter"))) {
+                return;
+            }
             FilterRegistration.Dynamic drain = ctx.addFilter("drainctl", DrainFilter.class);
             drain.setInitParameter("healthPaths", "/healthz,/ok.htm");
             drain.setInitParameter("readinessPath", "/readyz");
@@ -53,8 +60,6 @@ public final class TomcatDemo {
             }
             // isMatchAfter false: before every filter the app declares, like HIGHEST_PRECEDENCE.
             drain.addMappingForUrlPatterns(EnumSet.of(DispatcherType.REQUEST), false, "/*");
-            ServletRegistration.Dynamic app = ctx.addServlet("demo", DemoServlet.class);
-            app.addMapping("/");
         }
     }
 
