@@ -146,6 +146,14 @@ def test_judge_the_cases_by_name() -> None:
     assert judge(TCP_CLOSE_WAIT, 1, 0, 4000, 4100, grace, 2, 2) == "idle"
     assert judge(TCP_CLOSE_WAIT, 1, 0, 4100, 4000, grace, 2, 1) == "unanswered"
     assert judge(TCP_CLOSE_WAIT, 30, 0, 4000, 4000, grace, 1, 0) == "unread"
+    # Equal timers after data both ways (one clock tick): the acknowledgements decide, when
+    # given. An acknowledgement since the client's last data: the answer came last.
+    assert judge(TCP_ESTABLISHED, 0, 0, 4000, 4000, grace, 2, 2, since_ack_recv=3990) == "idle"
+    # None since: it may be a request sent in the tick the answer left in.
+    assert judge(TCP_ESTABLISHED, 0, 0, 4000, 4000, grace, 2, 2,
+                 since_ack_recv=4000) == "unanswered"
+    # Without the acknowledgement's timer (the counts), equal timers look answered.
+    assert judge(TCP_ESTABLISHED, 0, 0, 4000, 4000, grace, 2, 2) == "idle"
 
 
 TCP_INFO_LEN = 232  # struct tcp_info of Linux 6.x; anything from 160 on carries every field read

@@ -53,6 +53,7 @@ from drainctl.drain.connections import (
     _find_tcp_info,
     _port_filter,
     _replies,
+    judge,
 )
 
 __all__ = [
@@ -94,22 +95,15 @@ _INT = struct.Struct("=i")
 
 def in_flight(rqueue: int, wqueue: int, last_sent_ms: int, last_recv_ms: int,
               last_ack_recv_ms: int) -> bool:
-    """Whether a connection carries a request (README.md, "--close-idle"): bytes the app has not
-    read yet, bytes it sent that the client has not acknowledged, or data from the client more
-    recent than the app's last data (a request not yet answered).
+    """Whether a connection carries a request (README.md, "--close-idle"), by the one in-flight
+    rule (connections.judge): bytes the app has not read yet, bytes it sent that the client has
+    not acknowledged, or data from the client more recent than the app's last data; with the
+    timers equal (one clock tick: 4 ms at HZ=250), the client's acknowledgements decide."""
+    return judge(TCP_ESTABLISHED, rqueue, wqueue, last_sent_ms, last_recv_ms, None,
+                 since_ack_recv=last_ack_recv_ms) in _BUSY
 
-    tcp_info's timers count in clock ticks (4 ms at HZ=250), so a request that arrives in the
-    tick the previous answer left in has equal timers. The client's acknowledgements order
-    them: an answer is acknowledged after it left, while a request carries the acknowledgement
-    of the answer before it. So with equal timers, an acknowledgement received in a later tick
-    than the client's last data means the answer came last (idle); none since means it may be
-    a request (in flight, until an answer or an acknowledgement tells).
-    """
-    if rqueue or wqueue or last_recv_ms < last_sent_ms:
-        return True
-    if last_recv_ms > last_sent_ms:
-        return False
-    return not last_ack_recv_ms < last_recv_ms
+
+_BUSY = frozenset({"unread", "unsent", "unanswered"})
 
 
 def _candidate(s: SocketInfo, min_idle_ms: float) -> bool:

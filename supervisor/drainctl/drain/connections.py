@@ -371,6 +371,7 @@ def judge(
     grace_ms: float | None,
     segs_in: int = 0,
     segs_out: int = 0,
+    since_ack_recv: int | None = None,
 ) -> str:
     """Whether one connection is busy, and why: "idle", or the reason it is busy.
 
@@ -392,13 +393,19 @@ def judge(
     lsndtime and lrcvtime alike), so a connection that never carried data is not "unanswered".
     They tick in jiffies (1-10 ms): a first request that comes within the tick of the handshake
     is caught by the segment counts; a later one that comes within the tick the previous answer
-    went out in looks answered, and then only the queues and the grace hold it.
+    went out in looks answered, and then only the queues and the grace hold it, unless
+    `since_ack_recv` (tcpi_last_ack_recv) is given: the client's acknowledgements order equal
+    timers (an answer is acknowledged after it left; a request carries the acknowledgement of
+    the answer before it), so with equal timers and no acknowledgement received since the
+    client's last data, it may be a request: "unanswered" (--close-idle passes it, drain/closer.py).
     """
     if rqueue > (1 if state == TCP_CLOSE_WAIT else 0):
         return "unread"
     if wqueue:
         return "unsent"
     if since_recv < since_sent or (segs_in and not segs_out):
+        return "unanswered"
+    if since_ack_recv is not None and since_recv == since_sent and since_ack_recv >= since_recv:
         return "unanswered"
     if state == TCP_CLOSE_WAIT:
         return IDLE
