@@ -131,7 +131,8 @@ def run(
         if scenario.drainctl:
             argv = [*drainctl, "run", "--", *app_argv]
             env.update(DRAINCTL_ENV)
-            env.update(GATEWAY_DRAINCTL_ENV.get(scenario.gateway, {}))
+            if not scenario.close_idle:  # --close-idle closes the pool's idle connections
+                env.update(GATEWAY_DRAINCTL_ENV.get(scenario.gateway, {}))
             if scenario.mode == "naive":
                 del env["DRAINCTL_DOWN_URL"]  # it has none
             if scenario.close_idle:
@@ -271,18 +272,21 @@ def test_drainctl(
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("app", ["python", "java"])
-@pytest.mark.parametrize("close_idle", [True, False], ids=["close-idle", "waiting"])
+@pytest.mark.parametrize(("close_idle", "gateway"), [(True, "haproxy"), (False, "haproxy"),
+                                                     (True, "nginx")],
+                         ids=["close-idle", "waiting", "close-idle-nginx"])
 def test_unmodified_app(
     cluster: Cluster, tmp_path: Path, record_figures: Record, request: pytest.FixtureRequest,
-    app: str, close_idle: bool,
+    app: str, close_idle: bool, gateway: str,
 ) -> None:
     """drainctl as PID 1 over the naive app, SIGTERM alone. With --close-idle drainctl closes
     the app's keep-alive connections as each goes idle: no failure, no SIGKILL, drained within
-    the bound. Without it, nothing closes them: the drain waits to the budget's deadline."""
+    the bound; through nginx too, where one cut request would take the upstream out (max_fails).
+    Without it, nothing closes them: the drain waits to the budget's deadline."""
     classes = request.getfixturevalue("java_classes") if app == "java" else None
     how = "--close-idle" if close_idle else "no --close-idle"
-    scenario = Scenario(f"unmodified app, {how} ({app})", app, drainctl=True, hook="none",
-                        mode="naive", close_idle=close_idle)
+    scenario = Scenario(named(f"unmodified app, {how} ({app})", gateway), app, drainctl=True,
+                        hook="none", mode="naive", close_idle=close_idle, gateway=gateway)
     f = run(cluster, scenario, classes, tmp_path)
     record_figures(f)
     if close_idle:
