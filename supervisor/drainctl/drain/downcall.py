@@ -2,13 +2,14 @@
 
 After the delay, the drain tells the app it is going down (the incident's
 `/ok.htm?down=true`); from then on the app must answer `Connection: close` so that keep-alive
-clients finish their request, leave and reconnect to another pod (INCIDENT.md, "The fix"). The
+clients finish their request, leave and reconnect to another pod (README, "Why"). The
 probe checks that last part with one keep-alive request and turns a missing header into a
 `contract.warning` event.
 
 Both calls report one outcome and never raise: a failed down call is logged and the drain goes on
-(CONTRACT.md, `--down-timeout`). httpx is imported inside the functions, not at module level: it
-costs ~170 ms to import and the supervisor must start fast, while only a drain calls this code.
+(docs/interface.md, "The down call"). httpx is imported inside the functions, not at module
+level: it costs ~170 ms to import and the supervisor must start fast, while only a drain calls
+this code.
 """
 
 from __future__ import annotations
