@@ -255,7 +255,7 @@ def _standalone(
         from drainctl.drain.closer import Closer, process_tree
 
         closer = Closer(lambda: process_tree(1))
-    drain = Drain(config, events, real_seams(config, clock, loop.runner, auto_ports,
+    drain = Drain(config, events, real_seams(config, clock, loop.runner_for("drain"), auto_ports,
                                              closer=lambda: closer))
     target = Target(drain=drain, mode="standalone", started_at=clock(), app_pid=lambda: None)
     server: Server | None

@@ -163,7 +163,6 @@ class _Wait:
 
     def __init__(self, ports: list[int] | None) -> None:
         self.ports = ports  # None: not looked up yet
-        self.lookups = 0
         self.lookup_pending = False
         self.looked_up_at: float | None = None
         self.next_lookup_at = 0.0  # after a failed lookup
@@ -576,7 +575,6 @@ class Drain:
     def _ports_found(self, result: list[int] | Discovery | Exception) -> None:
         wait = self._wait
         wait.lookup_pending = False
-        wait.lookups += 1
         wait.looked_up_at = self.seams.clock()
         if isinstance(result, Exception):
             self.events.emit("connections.error", error=f"port lookup: {result}")

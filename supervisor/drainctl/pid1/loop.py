@@ -108,16 +108,15 @@ class JobDied(Exception):
 class ThreadRunner:
     """Runs each job in a daemon thread; its result comes back to the loop through the inbox.
 
-    When no thread can be had, the job runs at once in the caller (`on_inline` is told once).
+    When no thread can be had, the job runs at once in the caller (`warn` is told once).
     """
 
     def __init__(self, inbox: Inbox, on_died: Callable[[BaseException], None],
-                 on_inline: Callable[[str], None], owner: str = "job") -> None:
+                 warn: Callable[[str], None], owner: str) -> None:
         self._inbox = inbox
         self._on_died = on_died
-        self._on_inline = on_inline
+        self._warn = warn
         self._inline_said = False
-        self._on_inline_warning: Callable[[object], None] = lambda message: on_inline(str(message))
         self.owner = owner
 
     def submit(self, work: Callable[[], T], done: Callable[[T | Exception], None]) -> None:
@@ -125,7 +124,7 @@ class ThreadRunner:
             try:
                 restored = _bundle.ensure()  # the frozen binary's files, put back if removed
                 if restored is not None:
-                    self._inbox.put(JobDone(self._on_inline_warning, restored, self.owner))
+                    self._inbox.put(JobDone(lambda _: self._warn(restored), None, self.owner))
                 return work()
             except Exception as exc:
                 return exc
@@ -141,8 +140,8 @@ class ThreadRunner:
         except RuntimeError as exc:  # can't start new thread
             if not self._inline_said:
                 self._inline_said = True
-                self._on_inline(f"cannot start a thread ({exc}): jobs run in the loop, one at "
-                                "a time, bounded by their own timeouts")
+                self._warn(f"cannot start a thread ({exc}): jobs run in the loop, one at a "
+                           "time, bounded by their own timeouts")
             self._inbox.put(JobDone(done, job(), self.owner))  # type: ignore[arg-type]
 
 
@@ -153,7 +152,7 @@ class Loop:
         self.clock = clock
         self.events = events
         self.inbox = Inbox()
-        self.runner = ThreadRunner(self.inbox, self._job_died, self._warn)
+        self._runners: dict[str, ThreadRunner] = {}
         self.on_signal: Callable[[Signal], None] = lambda _signal: None
         # What the host does about an error at `where`, after it was logged.
         self.on_error: Callable[[str, BaseException], None] = lambda _where, _exc: None
@@ -163,8 +162,12 @@ class Loop:
         self._logged: set[tuple[str, str]] = set()
 
     def runner_for(self, owner: str) -> ThreadRunner:
-        """A runner whose results' handlers report their errors as `owner`'s."""
-        return ThreadRunner(self.inbox, self._job_died, self._warn, owner)
+        """The runner whose results' handlers report their errors as `owner`'s."""
+        runner = self._runners.get(owner)
+        if runner is None:
+            runner = self._runners[owner] = ThreadRunner(self.inbox, self._job_died, self._warn,
+                                                         owner)
+        return runner
 
     def add(self, part: Part) -> None:
         """Advance `part` after every wake-up, in the order parts were added."""
