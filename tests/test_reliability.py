@@ -317,3 +317,21 @@ def test_a_forward_that_is_not_permitted_is_a_warning(procs: Processes) -> None:
     warning = proc.wait_event("warning")
     assert "SIGUSR1" in warning["message"] and "not permitted" in warning["message"]
     assert proc.popen.poll() is None, "drainctl goes on"
+
+
+def test_a_standalone_prestop_whose_drain_fails_exits_1_at_once(procs: Processes) -> None:
+    """No supervisor: the hook runs the drain itself. If that drain fails, it says so and exits
+    1 (no drain confirmed) instead of waiting for the kubelet's grace period to run out."""
+    port = free_port()
+    web = procs.start(app("httpapp.py", "--port", str(port)))
+    web.wait_output("listening")
+    started = time.monotonic()
+    hook = procs.drainctl("prestop", "--control-socket", f"@drainctl-test-{os.getpid()}-{port}",
+                          "--port", str(port), "--delay", "0", "--grace-period", "60s",
+                          env={"DRAINCTL_FAULTS": "drain"})
+    assert hook.wait(15) == 1, hook.stderr()
+    assert time.monotonic() - started < 10
+    errors = [e for e in hook.events() if e["event"] == "error"]
+    assert errors and errors[0]["where"] == "drain", hook.stderr()
+    assert "the drain failed" in hook.stderr()
+    assert "Traceback" not in hook.stderr()

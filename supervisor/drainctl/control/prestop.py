@@ -272,7 +272,10 @@ def _standalone(
     failed: list[BaseException] = []
     loop.on_error = lambda where, exc: failed.append(exc) if where == "drain" else None
     try:
-        drain.prestop(None)
+        try:
+            drain.prestop(None)
+        except Exception as exc:
+            loop.error("drain", exc)
         while not drain.done:
             if failed:  # logged as an `error` event already: no drain to wait for any more
                 raise PrestopError(f"the drain failed ({type(failed[0]).__name__}: "
