@@ -22,7 +22,19 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from drainctl.drain.closer import MIN_IDLE, Closer, Pass, can_close, in_flight, process_tree
+from drainctl.drain.closer import (
+    HELD,
+    POLL,
+    QUIET,
+    SILENT,
+    Closer,
+    Pass,
+    SocketInfo,
+    _Seen,
+    can_close,
+    in_flight,
+    process_tree,
+)
 from tests.conftest import IS_ROOT, Proc, Processes, app, drainctl_argv, inner_pid, wait_for
 from tests.traffic import free_port
 
@@ -131,114 +143,176 @@ def test_in_flight_rule(rq: int, wq: int, sent: int, recv: int, ack: int, busy: 
 
 
 def passes_until_closed(closer: Closer, port: int, within: float = 2.0) -> Pass:
-    """Close passes every 10 ms (the drain makes one every 40 ms) until one closes something."""
+    """Close passes every POLL (as the drain makes them) until one closes something."""
     deadline = time.monotonic() + within
     while True:
         done = closer.close_idle([port])
         if done.closed or time.monotonic() > deadline:
             return done
-        time.sleep(0.01)
+        time.sleep(POLL)
 
 
-def test_closer_closes_only_the_idle_connection_and_the_client_sees_a_fin() -> None:
-    """Server sockets in this process: one idle, one with a request not yet answered, one with
-    unread bytes. Only the idle one gets a FIN; the server's own descriptors stay open."""
+def connected(listener: socket.socket, n: int) -> list[tuple[socket.socket, socket.socket]]:
+    port = listener.getsockname()[1]
+    pairs = []
+    for _ in range(n):
+        client = socket.create_connection(("127.0.0.1", port))
+        server, _ = listener.accept()
+        pairs.append((client, server))
+    return pairs
+
+
+def readable(sock: socket.socket, timeout: float = 0.0) -> bool:
+    return bool(select.select([sock], [], [], timeout)[0])
+
+
+def test_the_fin_leaves_with_the_answer_never_after_it() -> None:
+    """A server socket in this process: the first pass corks it; the app's answer then waits in
+    the socket, and the pass that closes it sends answer and FIN together: the client has the
+    end of stream the moment it has the answer, so it never sends on a closing connection."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
-        pairs = []
-        for _ in range(3):
-            client = socket.create_connection(("127.0.0.1", port))
-            server, _ = listener.accept()
-            pairs.append((client, server))
-        (c_idle, s_idle), (c_busy, s_busy), (c_unread, _) = pairs
+        [(client, server)] = connected(listener, 1)
         try:
-            c_idle.sendall(b"req")
-            assert s_idle.recv(3) == b"req"
-            time.sleep(0.01)  # the answer leaves in a later clock tick than the request came
-            s_idle.sendall(b"resp")
-            assert c_idle.recv(4) == b"resp"
+            closer = Closer(lambda: [os.getpid()])
+            assert closer.close_idle([port]).closed == {}  # first sight: corked
+            client.sendall(b"req")
+            assert server.recv(3) == b"req"
+            server.sendall(b"resp")  # the app's answer, in two writes
+            server.sendall(b"onse")
+            assert not readable(client, 0.01), "the answer waits in the socket"
+            done = passes_until_closed(closer, port)
+            assert done.closed == {port: 1} and done.held == 1, (done.closed, done.skipped)
+            assert readable(client, 2)
+            assert client.recv(100) == b"response"
+            assert readable(client), "the FIN came with the answer"
+            assert client.recv(1) == b""
+            # The server's descriptor is still its own: it reads the client's close.
+            client.close()
+            server.settimeout(2)
+            assert server.recv(1) == b""
+        finally:
+            client.close()
+            server.close()
+
+
+def test_a_request_being_worked_on_or_unread_is_never_closed() -> None:
+    """One connection whose request the app is working on, one whose request it has not read:
+    passes for longer than QUIET close neither; the answer, once written, leaves with the FIN."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        pairs = connected(listener, 2)
+        (c_busy, s_busy), (c_unread, _) = pairs
+        try:
+            closer = Closer(lambda: [os.getpid()])
+            closer.close_idle([port])
             c_busy.sendall(b"req")
             assert s_busy.recv(3) == b"req"  # read, being worked on: no answer yet
             c_unread.sendall(b"req")  # never read by the server
-            closer = Closer(lambda: [os.getpid()])
-            done = passes_until_closed(closer, port)
-            assert done.closed == {port: 1}, (done.closed, done.skipped, done.seen)
-            assert done.warning is None
-            c_idle.settimeout(2)
-            assert c_idle.recv(1) == b"", "the client sees an orderly FIN"
+            assert passes_until_closed(closer, port, within=QUIET + 0.3).closed == {}
             for client in (c_busy, c_unread):
                 assert not closed_by_server(client)
-            # The server's descriptor is still its own: it reads the client's close, and the
-            # busy connection still answers.
-            c_idle.close()
-            s_idle.settimeout(2)
-            assert s_idle.recv(1) == b""
-            time.sleep(0.01)
             s_busy.sendall(b"late answer")
+            assert passes_until_closed(closer, port).closed == {port: 1}
             c_busy.settimeout(2)
             assert c_busy.recv(100) == b"late answer"
-            # Answered now (in a later clock tick): it is idle, and a pass closes it.
-            assert passes_until_closed(closer, port).closed == {port: 1}
-            assert c_busy.recv(1) == b""
+            assert readable(c_busy) and c_busy.recv(1) == b""
+            assert not closed_by_server(c_unread)
         finally:
             for client, server in pairs:
                 client.close()
                 server.close()
 
 
-def test_closer_detects_an_idle_connection_within_a_poll() -> None:
-    """A connection whose answer just went out is closed by the first pass after MIN_IDLE."""
+def test_a_connection_silent_for_quiet_is_closed_as_it_is() -> None:
+    """A kept connection nobody uses (a gateway's spare): closed once silent for QUIET, not
+    before; the client sees an orderly FIN."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
-        client = socket.create_connection(("127.0.0.1", port))
-        server, _ = listener.accept()
-        closer = Closer(lambda: [os.getpid()])
+        [(client, server)] = connected(listener, 1)
         try:
             client.sendall(b"req")
             assert server.recv(3) == b"req"
-            time.sleep(0.01)
-            assert closer.close_idle([port]).closed == {}  # in flight
+            time.sleep(0.01)  # the answer leaves in a later clock tick than the request came
             server.sendall(b"resp")
+            assert client.recv(4) == b"resp"
             answered = time.monotonic()
-            assert closer.close_idle([port]).closed == {}  # too fresh: within MIN_IDLE
-            closed_at = None
-            while time.monotonic() - answered < 1.0:
-                if closer.close_idle([port]).closed:
-                    closed_at = time.monotonic()
-                    break
-                time.sleep(0.01)
-            assert closed_at is not None
-            # MIN_IDLE, plus the clock tick of tcp_info's timers, plus one 10 ms poll
-            assert closed_at - answered < MIN_IDLE + 0.05
+            closer = Closer(lambda: [os.getpid()])
+            done = passes_until_closed(closer, port, within=QUIET + 1.0)
+            closed_at = time.monotonic()
+            assert done.closed == {port: 1} and done.held == 0
+            assert closed_at - answered >= QUIET - 0.01  # tcp_info's timers tick every few ms
+            assert readable(client, 2) and client.recv(1) == b""
         finally:
             client.close()
             server.close()
 
 
-def test_a_request_in_the_same_clock_tick_as_the_answer_is_never_cut() -> None:
-    """The answer leaves and the next request arrives within one tick of tcp_info's timers (a
-    back-to-back client): the timers cannot order them, so the connection is left alone while
-    nothing tells (the request is being worked on: closing would cut it)."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        port = listener.getsockname()[1]
-        client = socket.create_connection(("127.0.0.1", port))
-        server, _ = listener.accept()
-        closer = Closer(lambda: [os.getpid()])
-        try:
-            client.sendall(b"req1")
-            assert server.recv(4) == b"req1"
-            server.sendall(b"resp1")
-            assert client.recv(5) == b"resp1"
-            client.sendall(b"req2")  # at once: usually the same 4 ms tick
-            assert server.recv(4) == b"req2"
-            # Passes through the 20-60 ms window and past a second of silence: never closed.
-            assert passes_until_closed(closer, port, within=1.3).closed == {}
-            server.sendall(b"resp2")
-            client.settimeout(2)
-            assert client.recv(5) == b"resp2"
-        finally:
-            client.close()
-            server.close()
+def test_back_to_back_clients_leave_without_a_failure(procs: Processes) -> None:
+    """Clients that send their next request the moment they have an answer (a busy gateway's
+    hot connections: never idle) and paced ones: each is closed with an answer, none loses a
+    request, and every one has left within a few passes."""
+    port = free_port()
+    proc = procs.start(app("httpapp.py", "--port", str(port)))
+    proc.wait_output("listening")
+    clients = [PoliteClient(port, interval=0.0).start() for _ in range(6)]
+    clients += [PoliteClient(port, interval=i * 0.007).start() for i in range(1, 5)]
+    try:
+        wait_for(lambda: all(c.requests >= 3 for c in clients), timeout=10)
+        closer = Closer(lambda: process_tree(proc.pid))
+        held = total = 0
+        deadline = time.monotonic() + 5
+        while any(c.left_at is None for c in clients) and time.monotonic() < deadline:
+            done = closer.close_idle([port])
+            held, total = held + done.held, total + done.total
+            time.sleep(POLL)
+    finally:
+        for c in clients:
+            c.join()
+    assert [c.failures for c in clients if c.failures] == []
+    assert all(c.left_at is not None for c in clients), [c.requests for c in clients]
+    assert total == len(clients) and held == total, (held, total)
+
+
+# ---- the decision (pure) -------------------------------------------------------------------------
+
+
+def info(notsent: int = 0, received: int = 100, rqueue: int = 0, sent_ms: int = 5,
+         recv_ms: int = 10, ack_ms: int = 5) -> SocketInfo:
+    return SocketInfo(80, 1, 0, 7, rqueue, notsent, sent_ms, recv_ms, ack_ms, received, notsent)
+
+
+@pytest.mark.parametrize(("steps", "verdicts"), [
+    # An answer appears, then stays the same one pass later: closed with it.
+    ([(0.00, info()), (0.04, info(notsent=9)), (0.08, info(notsent=9))], [None, None, HELD]),
+    # It grew in between (the app still writing): not yet; whole one pass later.
+    ([(0.00, info()), (0.04, info(notsent=9)), (0.08, info(notsent=19)), (0.12, info(notsent=19))],
+     [None, None, None, HELD]),
+    # Too soon after it was first seen (passes HOLD_MIN apart at least).
+    ([(0.00, info()), (0.04, info(notsent=9)), (0.05, info(notsent=9))], [None, None, None]),
+    # Held since before HOLD_MAX: the kernel may send it any moment without the FIN: leave it.
+    ([(0.00, info()), (0.10, info(notsent=9)), (0.20, info(notsent=9))], [None, None, None]),
+    # More came from the client (a pipelined request), or is unread: not whole.
+    ([(0.00, info()), (0.04, info(notsent=9)), (0.08, info(notsent=9, received=150))],
+     [None, None, None]),
+    ([(0.00, info()), (0.04, info(notsent=9)), (0.08, info(notsent=9, rqueue=5))],
+     [None, None, None]),
+    # Nothing held: silent for QUIET by tcp_info's timers, and not in flight.
+    ([(0.00, info(sent_ms=1500, recv_ms=1600, ack_ms=1500))], [SILENT]),
+    ([(0.00, info(sent_ms=900, recv_ms=1600, ack_ms=900))], [None]),
+    ([(0.00, info(sent_ms=1600, recv_ms=1500, ack_ms=1500))], [None]),  # unanswered
+])
+def test_the_decision(steps: list[tuple[float, SocketInfo]], verdicts: list[str | None]) -> None:
+    seen = _Seen(-1.0)
+    seen.corked = True
+    assert [seen.decide(s, t) for t, s in steps] == verdicts
+
+
+def test_an_answer_on_a_connection_that_could_not_be_corked_is_never_held() -> None:
+    seen = _Seen(0.0)
+    seen.corked = False
+    steps = [(0.04, info(notsent=9)), (0.08, info(notsent=9)), (0.12, info(notsent=9))]
+    assert [seen.decide(s, t) for t, s in steps] == [None, None, None]
 
 
 # ---- drainctl run --close-idle -------------------------------------------------------------------

@@ -1,23 +1,37 @@
-"""`--close-idle`: close the app's keep-alive connections the moment they are idle, for it.
+"""`--close-idle`: close the app's keep-alive connections between requests, for it.
 
 An app with no down endpoint and no `Connection: close` keeps its keep-alive connections open
 until its own keep-alive timeout, often a minute or more: the drain would wait for nothing. With
 `--close-idle`, each count of the drain first closes the connections on the app's ports that are
-idle between requests, exactly as the server's keep-alive timeout would, and never one that
-carries a request (README.md, "--close-idle"):
+between requests, and never one that carries a request (README.md, "--close-idle").
+
+A server may close a kept connection at any moment between requests, but its client may be
+sending the next request at that very moment: the close and the request cross, and the request
+is lost (a gateway counts it as the upstream's failure). The one moment the client sends nothing
+is while it waits for an answer, since HTTP/1.1 clients do not pipeline. So the close rides on
+an answer: the FIN leaves in the same segment as the last bytes of the app's answer, and the
+client reads "answer, then end of stream" and never reuses the connection.
 
 1. One sock_diag dump (sockets() below) gives every ESTABLISHED socket on the ports with its
-   queues, tcp_info timers and inode.
-2. A connection is a candidate when it is not in flight (`in_flight` below) and no data moved
-   either way for at least MIN_IDLE.
-3. Its owner is found by inode among the app's processes' /proc/PID/fd links, and drainctl takes
-   a duplicate of that very socket with pidfd_open(2) + pidfd_getfd(2) (Linux 5.6).
-4. Right before the close, the in-flight rule is checked again on the duplicate itself
-   (getsockopt TCP_INFO, ioctl SIOCINQ and SIOCOUTQ: tcp(7)), then shutdown(SHUT_WR) sends the
-   client an orderly FIN, and the duplicate is closed. The client (a gateway, a browser) sees the
-   connection end like any keep-alive timeout and reconnects, through the load balancer, to
-   another pod; the app sees the client's close and frees the connection itself. Nothing is
+   queues, inode and tcp_info (timers, bytes received, bytes not yet sent).
+2. A connection seen for the first time is found by inode among the app's processes'
+   /proc/PID/fd links, drainctl takes a duplicate of that very socket with pidfd_open(2) +
+   pidfd_getfd(2) (Linux 5.6) and sets TCP_CORK on it (tcp(7)): from then on the kernel keeps
+   the last partial segment of whatever the app writes instead of sending it at once.
+3. The app answers its next request: the answer waits in the socket (tcpi_notsent_bytes). A
+   pass that sees the same unsent bytes as the pass before, at least HOLD_MIN later, with
+   nothing more from the client and nothing unread, takes the answer as whole.
+4. Right before the close, the same facts are checked again on a duplicate (ioctl SIOCOUTQNSD
+   and SIOCINQ), then shutdown(SHUT_WR): the kernel appends the FIN to the held bytes and sends
+   both. The app sees the client's close later and frees the connection itself; nothing is
    injected into the app, and the app's own descriptor stays its own.
+5. The kernel sends corked bytes by itself after 200 ms (tcp(7): the ceiling of TCP_CORK): an
+   answer held longer than HOLD_MAX is left alone (it may leave without the FIN any moment now),
+   and the next answer is the next chance. At most one answer per connection waits, for one to
+   three passes (40-120 ms).
+6. A connection that carried nothing for QUIET (no request in flight, nothing held) is one its
+   client keeps in reserve; it is closed as it is, by the in-flight rule (connections.judge),
+   as a keep-alive timeout would: the one residual risk (README.md, "--close-idle").
 
 pidfd_getfd needs ptrace rights over the app (PTRACE_MODE_ATTACH_REALCREDS: the same uid, or
 CAP_SYS_PTRACE), and the default seccomp profiles of Docker and containerd allow it only with
@@ -34,6 +48,7 @@ import errno
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterable, Sequence
 
 from drainctl.drain.connections import (
@@ -43,6 +58,7 @@ from drainctl.drain.connections import (
     _REPLY_MIN,
     _TCPI_LAST,
     _TCPI_LAST_DATA_AT,
+    _U16,
     _UID_INODE,
     _UID_INODE_AT,
     INET_DIAG_INFO,
@@ -58,8 +74,12 @@ from drainctl.drain.connections import (
 
 __all__ = [
     "FIX",
-    "MIN_IDLE",
+    "HELD",
+    "HOLD_MAX",
+    "HOLD_MIN",
     "POLL",
+    "QUIET",
+    "SILENT",
     "Closer",
     "Pass",
     "can_close",
@@ -68,17 +88,13 @@ __all__ = [
     "process_tree",
 ]
 
-# When a connection is closed: the one risk is a request that the client sends at the very
-# moment the close reaches it (README.md, "--close-idle"). A client that got its answer sends its
-# next one either at once (back to back: within a round trip, well under MIN_IDLE) or after a
-# pause of its own; a gateway hands a kept connection to the next request of the same client
-# first. So the close comes in the quiet moment right after an answer, from MIN_IDLE to YOUNG,
-# before a paced client's next request, and the drain counts at least every POLL so that every
-# connection is seen once in that window. A connection silent for QUIET is one nobody uses now.
-MIN_IDLE = 0.02  # seconds
-YOUNG = 0.06
+# The timing of a close (module docstring): an answer that got no more bytes for HOLD_MIN is
+# taken as whole; one held longer than HOLD_MAX is left to the kernel, which sends corked bytes
+# after 200 ms; a connection silent for QUIET is one nobody uses now. The drain counts every POLL.
+HOLD_MIN = 0.02  # seconds
+HOLD_MAX = 0.15
 QUIET = 1.0
-POLL = YOUNG - MIN_IDLE
+POLL = 0.04
 
 FIX = ('add CAP_SYS_PTRACE to drainctl\'s container (securityContext: capabilities: add: '
        '["SYS_PTRACE"]), run drainctl as the app\'s user, or close connections in the app '
@@ -87,10 +103,19 @@ FIX = ('add CAP_SYS_PTRACE to drainctl\'s container (securityContext: capabiliti
 SYS_PIDFD_GETFD = 438  # the same number on every architecture (asm-generic/unistd.h)
 SIOCINQ = 0x541B  # FIONREAD: bytes in the receive queue, not yet read (tcp(7))
 SIOCOUTQ = 0x5411  # TIOCOUTQ: bytes in the send queue, sent or not, not yet acknowledged
+SIOCOUTQNSD = 0x894B  # bytes in the send queue not sent yet (tcp(7))
 CAP_SYS_PTRACE = 19
 # tcpi_state; tcpi_last_data_sent at 44, tcpi_last_data_recv at 52, tcpi_last_ack_recv at 56
 _TCP_INFO = struct.Struct("=B43xI4xII")
 _INT = struct.Struct("=i")
+# tcpi_bytes_received (u64) at 128 and tcpi_notsent_bytes at 144 (Linux 4.6)
+_TCPI_RECEIVED_NOTSENT = struct.Struct("=Q8xI")
+_TCPI_RECEIVED_AT = 128
+_TCPI_NOTSENT_MIN = 148
+
+# What a pass decided for a connection.
+HELD = "held"  # an answer waits, whole: the FIN goes with it
+SILENT = "silent"  # nothing for QUIET: closed as it is
 
 
 def in_flight(rqueue: int, wqueue: int, last_sent_ms: int, last_recv_ms: int,
@@ -106,29 +131,51 @@ def in_flight(rqueue: int, wqueue: int, last_sent_ms: int, last_recv_ms: int,
 _BUSY = frozenset({"unread", "unsent", "unanswered"})
 
 
-def _candidate(s: SocketInfo, min_idle_ms: float) -> bool:
+class _Seen:
+    """What the passes know of one connection (by socket inode)."""
+
+    __slots__ = ("corked", "held", "held_at", "received", "since")
+
+    def __init__(self, now: float) -> None:
+        self.corked: bool | None = None  # None: not tried yet; False: not the app's, or refused
+        self.held = 0  # unsent bytes seen by the last pass
+        self.held_at = now  # when the last pass saw `held` change
+        self.received: int | None = None  # tcpi_bytes_received then
+        self.since = now  # the last pass that saw nothing held: any held answer is younger
+
+    def decide(self, s: SocketInfo, now: float) -> str | None:
+        """HELD, SILENT or None (leave it), from this pass's facts about the connection."""
+        held = s.notsent or 0
+        if held:  # an answer waits (corked), or the client's window is full
+            if held != self.held or s.received != self.received:
+                self.held, self.received, self.held_at = held, s.received, now
+            elif (self.corked and not s.rqueue and s.received is not None
+                  and now - self.held_at >= HOLD_MIN and now - self.since <= HOLD_MAX):
+                return HELD
+            return None
+        self.held, self.received, self.since = 0, s.received, now
+        return SILENT if self.corked is not None and _silent(s) else None
+
+
+def _silent(s: SocketInfo) -> bool:
     sent, received, acked = s.last_data_sent_ms, s.last_data_recv_ms, s.last_ack_recv_ms
     if s.state != TCP_ESTABLISHED or sent is None or received is None or acked is None:
         return False
-    if in_flight(s.rqueue, s.wqueue, sent, received, acked):
+    if s.notsent or in_flight(s.rqueue, s.wqueue, sent, received, acked):
         return False
-    return _moment(min(sent, received), min_idle_ms)
-
-
-def _moment(idle_ms: float, min_idle_ms: float) -> bool:
-    """Whether a connection idle for `idle_ms` may be closed now (see MIN_IDLE)."""
-    return min_idle_ms <= idle_ms <= YOUNG * 1000.0 or idle_ms >= QUIET * 1000.0
+    return min(sent, received) >= QUIET * 1000.0
 
 
 class Pass:
     """What one close pass did."""
 
-    __slots__ = ("closed", "seen", "skipped", "warning")
+    __slots__ = ("closed", "held", "seen", "skipped", "warning")
 
     def __init__(self) -> None:
         self.closed: dict[int, int] = {}  # port -> connections closed
+        self.held = 0  # of those, closed with an answer (the rest: silent for QUIET)
         self.seen = 0  # ESTABLISHED connections on the ports
-        self.skipped = 0  # idle by the dump, busy or gone by the second look
+        self.skipped = 0  # decided by the dump, changed by the second look
         self.warning: str | None = None  # once: closing cannot work here
 
     @property
@@ -141,17 +188,20 @@ class _Refused(Exception):
 
 
 class Closer:
-    """Closes the app's idle connections; one per drain (it remembers sockets and refusals).
+    """Closes the app's connections between requests; one per drain (it remembers sockets,
+    what it saw of them, and refusals).
 
     `app_pids()` lists the processes whose sockets may be closed (the app and its descendants).
     """
 
-    def __init__(self, app_pids: Callable[[], Iterable[int]], min_idle: float = MIN_IDLE) -> None:
+    def __init__(self, app_pids: Callable[[], Iterable[int]],
+                 clock: Callable[[], float] = time.monotonic) -> None:
         import ctypes  # lazily: see the module docstring
 
         self._app_pids = app_pids
-        self._min_idle_ms = min_idle * 1000.0
+        self._clock = clock
         self._where: dict[int, tuple[int, int]] = {}  # socket inode -> (pid, fd)
+        self._seen: dict[int, _Seen] = {}  # socket inode -> what the passes saw
         self.refused: str | None = None  # why closing cannot work here, once it is known
         self.warned = False  # the one warning was logged (by the start-up probe, or a pass)
         self._libc = ctypes.CDLL(None, use_errno=True)
@@ -190,27 +240,41 @@ class Closer:
     # ---- one pass -------------------------------------------------------------------------------
 
     def close_idle(self, ports: Sequence[int]) -> Pass:
-        """Close every idle connection on `ports` (see the module docstring). Raises OSError
-        when the dump fails (the drain logs it and counts again)."""
+        """Cork the connections on `ports` seen for the first time, and close those between
+        requests (see the module docstring). Raises OSError when the dump fails (the drain logs
+        it and counts again)."""
         done = Pass()
         if self.refused is not None or not ports:
             return done
         found = sockets(ports)
+        now = self._clock()
         done.seen = len(found)
-        candidates = [s for s in found if _candidate(s, self._min_idle_ms)]
-        if not candidates:
+        seen: dict[int, _Seen] = {}
+        new: list[SocketInfo] = []
+        decided: list[tuple[SocketInfo, _Seen, str]] = []
+        for s in found:
+            known = seen[s.inode] = self._seen.get(s.inode) or _Seen(now)
+            if known.corked is None:
+                new.append(s)
+                continue
+            verdict = known.decide(s, now)
+            if verdict is not None:
+                decided.append((s, known, verdict))
+        self._seen = seen  # the connections gone since are forgotten
+        if not new and not decided:
             return done
         pidfds: dict[int, int] = {}
         try:
-            missing = {s.inode for s in candidates} - self._where.keys()
+            missing = {s.inode for s in new} | {s.inode for s, _, _ in decided}
+            missing -= self._where.keys()
             if missing:
                 self._find(missing)
-            for s in candidates:
-                where = self._where.get(s.inode)
-                if where is None:
-                    continue  # not the app's (or closed since the dump)
-                if self._close_one(s, where, pidfds):
+            for s in new:
+                seen[s.inode].corked = self._cork(s, pidfds)
+            for s, known, verdict in decided:
+                if self._close_one(s, known, verdict, pidfds):
                     done.closed[s.port] = done.closed.get(s.port, 0) + 1
+                    done.held += verdict == HELD
                 else:
                     done.skipped += 1
         except _Refused as exc:
@@ -246,7 +310,12 @@ class Closer:
                         if not left:
                             return
 
-    def _close_one(self, s: SocketInfo, where: tuple[int, int], pidfds: dict[int, int]) -> bool:
+    def _duplicate(self, s: SocketInfo, pidfds: dict[int, int]) -> socket.socket | None:
+        """A duplicate of the app's socket `s`, or None when it is not the app's or is gone.
+        Raises _Refused when the kernel refuses us the app's descriptors."""
+        where = self._where.get(s.inode)
+        if where is None:
+            return None  # not the app's (or closed since the dump)
         pid, fd = where
         pidfd = pidfds.get(pid)
         try:
@@ -257,40 +326,68 @@ class Closer:
             self._where.pop(s.inode, None)
             if exc.errno in (errno.EPERM, errno.EACCES, errno.ENOSYS):
                 raise _Refused(f"pidfd_getfd: {exc.strerror}") from None
-            return False  # ESRCH, EBADF: the process or the descriptor is gone
+            return None  # ESRCH, EBADF: the process or the descriptor is gone
         try:
             if os.fstat(dup).st_ino != s.inode:
                 self._where.pop(s.inode, None)  # the fd was reused for something else
-                return False
-            sock = socket.socket(fileno=dup)
+                os.close(dup)
+                return None
+            return socket.socket(fileno=dup)
         except OSError:
             os.close(dup)
+            return None
+
+    def _cork(self, s: SocketInfo, pidfds: dict[int, int]) -> bool:
+        """TCP_CORK on the app's socket: its next answer waits for the FIN (or 200 ms)."""
+        sock = self._duplicate(s, pidfds)
+        if sock is None:
             return False
         try:
-            if not _idle_now(sock, self._min_idle_ms):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+            return True
+        except OSError:
+            return False  # closed meanwhile: it will not be seen again
+        finally:
+            sock.close()  # our duplicate only: the app's descriptor is untouched
+
+    def _close_one(self, s: SocketInfo, known: _Seen, verdict: str,
+                   pidfds: dict[int, int]) -> bool:
+        sock = self._duplicate(s, pidfds)
+        if sock is None:
+            return False
+        try:
+            if not _still(sock, known.held if verdict == HELD else 0):
                 return False
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             return False  # e.g. ENOTCONN: the client closed meanwhile
         finally:
-            sock.close()  # our duplicate only: the app's descriptor is untouched
+            sock.close()
         self._where.pop(s.inode, None)
+        del self._seen[s.inode]
         return True
 
 
-def _idle_now(sock: socket.socket, min_idle_ms: float) -> bool:
-    """The in-flight rule again, on the socket itself, right before the close."""
+def _still(sock: socket.socket, held: int) -> bool:
+    """The pass's decision checked again on the socket itself, right before the close: `held`
+    unsent bytes waiting (the answer) and nothing unread; or, for a silent connection (`held`
+    0), the in-flight rule and QUIET."""
     import fcntl
+
+    def ioctl(request: int) -> int:
+        return int(_INT.unpack(fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0])
 
     info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO.size)
     if len(info) < _TCP_INFO.size:
         return False
     state, sent, received, acked = _TCP_INFO.unpack_from(info)
-    if state != TCP_ESTABLISHED or not _moment(min(sent, received), min_idle_ms):
+    if state != TCP_ESTABLISHED or ioctl(SIOCINQ):
         return False
-    outq = _INT.unpack(fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0" * 4))[0]
-    inq = _INT.unpack(fcntl.ioctl(sock.fileno(), SIOCINQ, b"\0" * 4))[0]
-    return not in_flight(inq, outq, sent, received, acked)
+    if held:
+        return ioctl(SIOCOUTQNSD) == held
+    if min(sent, received) < QUIET * 1000.0 or ioctl(SIOCOUTQNSD):
+        return False
+    return not in_flight(0, ioctl(SIOCOUTQ), sent, received, acked)
 
 
 # ---- who the app is, and whether we may ----------------------------------------------------------
@@ -377,7 +474,9 @@ class SocketInfo:
         "last_ack_recv_ms",
         "last_data_recv_ms",
         "last_data_sent_ms",
+        "notsent",
         "port",
+        "received",
         "rqueue",
         "state",
         "uid",
@@ -392,9 +491,11 @@ class SocketInfo:
         inode: int,
         rqueue: int,
         wqueue: int,
-        last_data_sent_ms: int | None,
-        last_data_recv_ms: int | None,
-        last_ack_recv_ms: int | None,
+        last_data_sent_ms: int | None = None,
+        last_data_recv_ms: int | None = None,
+        last_ack_recv_ms: int | None = None,
+        received: int | None = None,
+        notsent: int | None = None,
     ) -> None:
         self.port = port
         self.state = state
@@ -405,6 +506,8 @@ class SocketInfo:
         self.last_data_sent_ms = last_data_sent_ms
         self.last_data_recv_ms = last_data_recv_ms
         self.last_ack_recv_ms = last_ack_recv_ms
+        self.received = received  # tcpi_bytes_received: bytes from the client so far
+        self.notsent = notsent  # tcpi_notsent_bytes: bytes the app wrote, not sent yet
 
 
 def sockets(ports: Sequence[int], states: int = 1 << TCP_ESTABLISHED) -> list[SocketInfo]:
@@ -433,10 +536,13 @@ def _sockets(ports: list[int], states: int, *, eq_ops: bool) -> list[SocketInfo]
                     rqueue, wqueue = _QUEUES.unpack_from(buf, off + _QUEUES_AT)
                     uid, inode = _UID_INODE.unpack_from(buf, off + _UID_INODE_AT)
                     info = _find_tcp_info(buf, off + _REPLY_MIN, off + length)
-                    sent = received = acked = None
+                    sent = received = acked = total = notsent = None
                     if info >= 0:
                         sent, _, received, acked = _TCPI_LAST.unpack_from(
                             buf, info + 4 + _TCPI_LAST_DATA_AT)
+                        if _U16.unpack_from(buf, info)[0] - 4 >= _TCPI_NOTSENT_MIN:
+                            total, notsent = _TCPI_RECEIVED_NOTSENT.unpack_from(
+                                buf, info + 4 + _TCPI_RECEIVED_AT)
                     found.append(SocketInfo(port_hi << 8 | port_lo, state, uid, inode, rqueue,
-                                            wqueue, sent, received, acked))
+                                            wqueue, sent, received, acked, total, notsent))
     return found
