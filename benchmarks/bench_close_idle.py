@@ -10,14 +10,18 @@ For each size N, a child process (the "app") accepts N loopback connections from
 which holds the client ends. Then, in the same moments of the machine, it times:
 - the reference: one connection count of the port (drainctl's netlink counter, as each poll of
   a drain without --close-idle makes it);
+- the first pass: it finds every socket in the app's /proc/PID/fd, takes it with pidfd_getfd
+  and sets TCP_CORK on it;
 - a pass with nothing to close: every connection carries a request the app has read and not
-  answered (the dump with tcp_info, and the in-flight rule for each connection);
-- a pass that closes all N: the app has answered every request and the connections have been
-  silent for a second; the pass finds each socket in the app's /proc/PID/fd, takes it with
-  pidfd_getfd, checks it again and shuts its sending side. Every client end must then read EOF.
+  answered (the dump with tcp_info, and the decision for each connection);
+- the app answers every request (the answers wait, corked): a pass that sees them, and
+  HOLD_MIN later the pass that closes each with its answer (a second look on the socket, then
+  shutdown). Every client end must then read its answer, then EOF.
 Then the detection latency: one connection, the app answers, and close passes run every POLL
-(40 ms, the drain's cadence with --close-idle) from a random phase; the time from the answer to
-the client's EOF, against the goal of one poll + 20 ms. It reports, never asserts.
+(40 ms, the drain's cadence with --close-idle) from a random phase, plus one HOLD_MIN after a
+pass that saw an answer appear (as the drain does); the time from the answer to the client
+reading it with its EOF (the answer waited that long), against the goal of one poll + 20 ms.
+It reports, never asserts.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ import argparse
 import os
 import random
 import resource
-import select
 import socket
 import statistics
 import sys
@@ -35,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "supervisor"))
 
-from drainctl.drain.closer import MIN_IDLE, POLL, QUIET, Closer
+from drainctl.drain.closer import HOLD_MIN, POLL, Closer
 from drainctl.drain.connections import make_counter
 
 
@@ -105,27 +108,40 @@ def one_size(n: int, repeat: int) -> None:
         counter = make_counter("netlink")
         closer = Closer(lambda: [pid])
         count_s, counts = timed(lambda: counter.count([port]), repeat)
+        start = time.perf_counter()
+        closer.close_idle([port])  # the first look: each socket found, taken and corked
+        cork_s = time.perf_counter() - start
         busy_s, busy = timed(lambda: closer.close_idle([port]), repeat)
-        time.sleep(0.01)
-        command(b"a")
-        for sock in clients:
-            sock.recv(64)
-        time.sleep(QUIET + 0.1)  # silent for a second: every one may be closed
+        command(b"a")  # every answer written; corked, they wait in the sockets
+        start = time.perf_counter()
+        seen = closer.close_idle([port])
+        seen_s = time.perf_counter() - start
+        time.sleep(max(0.0, HOLD_MIN - seen_s))
         start = time.perf_counter()
         done = closer.close_idle([port])
         close_s = time.perf_counter() - start
-        eof = 0
+        whole = 0
         for sock in clients:
             sock.settimeout(2)
-            if sock.recv(1) == b"":
-                eof += 1
+            data = b""
+            while True:
+                chunk = sock.recv(64)
+                if not chunk:
+                    break
+                data += chunk
+            whole += data == b"answer"
         print(f"N={n:>6}: reference count {count_s * 1000:8.2f} ms "
               f"(established {counts.established})")  # type: ignore[attr-defined]
+        print(f"          first pass, corking all {cork_s * 1000:8.2f} ms "
+              f"({cork_s / n * 1e6:.0f} us a connection)")
         print(f"          pass, nothing to close {busy_s * 1000:8.2f} ms "
               f"({busy_s / count_s:.2f}x the count; closed {busy.total})")  # type: ignore[attr-defined]
+        print(f"          pass seeing the answers {seen_s * 1000:8.2f} ms "
+              f"(closed {seen.total})")
         print(f"          pass closing all {close_s * 1000:8.2f} ms "
               f"({close_s / n * 1e6:.0f} us a connection, {close_s / count_s:.1f}x the count; "
-              f"closed {done.total}, clients at EOF {eof})")
+              f"closed {done.total}, with their answer {done.held}; clients that read their "
+              f"answer, then EOF: {whole})")
         os.write(commands_w, b"q")  # the app exits without an answer
     finally:
         for sock in clients:
@@ -144,20 +160,24 @@ def latency(rounds: int) -> None:
         client = socket.create_connection(("127.0.0.1", port))
         server, _ = listener.accept()
         try:
+            closer.close_idle([port])  # the first look: corked
             client.sendall(b"request")
             server.recv(64)
             time.sleep(0.01)  # worked on it for a moment
             passes = time.perf_counter() + random.uniform(0, POLL)  # the drain's phase
             server.sendall(b"answer")
             answered = time.perf_counter()
-            client.recv(64)
             while time.perf_counter() - answered < 2.0:
                 time.sleep(max(0.0, passes - time.perf_counter()))
-                passes += POLL
-                if closer.close_idle([port]).total:
+                done = closer.close_idle([port])
+                if done.total:
                     break
-            select.select([client], [], [], 2.0)
-            if client.recv(1) == b"":
+                passes += HOLD_MIN if done.again else POLL
+            client.settimeout(2)
+            data = b""
+            while chunk := client.recv(64):
+                data += chunk
+            if data == b"answer":
                 found.append(time.perf_counter() - answered)
         finally:
             client.close()
@@ -166,7 +186,7 @@ def latency(rounds: int) -> None:
     found.sort()
     ms = [round(x * 1000, 1) for x in found]
     print(f"detection latency over {len(found)}/{rounds} rounds, passes every "
-          f"{POLL * 1000:.0f} ms, closing from {MIN_IDLE * 1000:.0f} ms idle: "
+          f"{POLL * 1000:.0f} ms (and {HOLD_MIN * 1000:.0f} ms after an answer appeared): "
           f"median {statistics.median(ms)} ms, "
           f"p90 {ms[int(len(ms) * 0.9) - 1]} ms, max {ms[-1]} ms "
           f"(goal: one poll + 20 ms = {(POLL + 0.02) * 1000:.0f} ms)")

@@ -157,12 +157,13 @@ class FallbackPort:
 class FallbackCounts:
     """Duck-typed as connections.Counts (which cannot be imported then)."""
 
-    __slots__ = ("closed", "method", "ports", "warning")
+    __slots__ = ("again_in", "closed", "method", "ports", "warning")
 
     def __init__(self, ports: dict[int, FallbackPort]) -> None:
         self.ports = ports
         self.method = "proc"
         self.closed: dict[int, int] = {}  # --close-idle closes nothing from here
+        self.again_in: float | None = None
         self.warning: str | None = None
 
     @property

@@ -169,9 +169,10 @@ def _silent(s: SocketInfo) -> bool:
 class Pass:
     """What one close pass did."""
 
-    __slots__ = ("closed", "held", "seen", "skipped", "warning")
+    __slots__ = ("again", "closed", "held", "seen", "skipped", "warning")
 
     def __init__(self) -> None:
+        self.again = False  # a pass HOLD_MIN from now may close an answer that appeared now
         self.closed: dict[int, int] = {}  # port -> connections closed
         self.held = 0  # of those, closed with an answer (the rest: silent for QUIET)
         self.seen = 0  # ESTABLISHED connections on the ports
@@ -260,6 +261,8 @@ class Closer:
             verdict = known.decide(s, now)
             if verdict is not None:
                 decided.append((s, known, verdict))
+            elif known.held and known.held_at == now and known.corked:
+                done.again = True  # an answer just appeared: whole or not, HOLD_MIN tells
         self._seen = seen  # the connections gone since are forgotten
         if not new and not decided:
             return done
@@ -352,6 +355,8 @@ class Closer:
 
     def _close_one(self, s: SocketInfo, known: _Seen, verdict: str,
                    pidfds: dict[int, int]) -> bool:
+        if verdict == HELD and self._clock() - known.since > HOLD_MAX:
+            return False  # this pass took long: the kernel may send the answer any moment now
         sock = self._duplicate(s, pidfds)
         if sock is None:
             return False

@@ -163,16 +163,18 @@ class PortCounts:
 class Counts:
     """One count: an entry per requested port (zeros included), and the method that made it."""
 
-    __slots__ = ("closed", "method", "ports", "warning")
+    __slots__ = ("again_in", "closed", "method", "ports", "warning")
 
     def __init__(self, ports: dict[int, PortCounts], method: str,
                  closed: dict[int, int] | None = None, warning: str | None = None) -> None:
         self.ports = ports
         self.method = method
-        # --close-idle (drain/closer.py): connections closed before this count, per port, and
-        # the one warning to log when closing cannot work here (then the drain waits instead).
+        # --close-idle (drain/closer.py): connections closed before this count, per port; the
+        # one warning to log when closing cannot work here (then the drain waits instead); and
+        # how soon the closer wants to look again (an answer waits to be closed with).
         self.closed = closed if closed is not None else {}
         self.warning = warning
+        self.again_in: float | None = None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Counts):

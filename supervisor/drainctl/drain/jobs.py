@@ -58,6 +58,10 @@ def real_seams(
         done = closing.close_idle(ports)
         counts = counter[0].count(ports, idle_grace)
         counts.closed, counts.warning = done.closed, done.warning
+        if done.again:
+            from drainctl.drain.closer import HOLD_MIN
+
+            counts.again_in = HOLD_MIN
         return counts
 
     call_down: Callable[[float], DownResult] | None = None

@@ -517,7 +517,7 @@ class Drain:
             return
         if not wait.count_pending and now >= wait.next_count_at:
             wait.count_pending = True
-            # --close-idle acts in the moment right after an answer: it looks often enough
+            # --close-idle closes a connection with an answer, which waits for it: look often
             wait.next_count_at = now + (min(self.config.poll_interval, CLOSE_IDLE_POLL)
                                         if self.config.close_idle else self.config.poll_interval)
             ports, grace, sampled = list(wait.ports), self.config.idle_grace, now
@@ -538,6 +538,8 @@ class Drain:
                 self._job_failed("count", result)
             return
         wait.last = result
+        if result.again_in is not None:  # --close-idle: an answer waits to be closed with
+            wait.next_count_at = min(wait.next_count_at, self.seams.clock() + result.again_in)
         if result.warning:
             self.events.emit("warning", message=result.warning)
         if result.closed:
