@@ -266,6 +266,43 @@ def test_no_ports_says_that_nothing_listens(procs: Processes) -> None:
     assert not events(proc, "warning")
 
 
+# An app that listens on nothing and says when its stop signal came.
+QUIET_APP = [sys.executable, "-c", "import signal, sys, time\n"
+             "signal.signal(signal.SIGTERM, lambda *a: (print('signal SIGTERM %.3f' % "
+             "time.time(), flush=True), sys.exit(143)))\n"
+             "print('in-flight 0', flush=True)\n"
+             "while True: time.sleep(1)"]
+
+
+def test_nothing_listening_in_the_pod_is_no_ports_without_the_lookup(procs: Processes) -> None:
+    # The lookup job fails if it runs at all: with nothing listening in the pod's network
+    # namespace, the drain decides at the trigger (one inline query) and never needs it.
+    proc = run_pod(procs, QUIET_APP,
+                   supervisor=["env", "DRAINCTL_FAULTS=job:lookup", *drainctl_argv()])
+    assert stamp(proc, "signal SIGTERM") is not None, proc.stdout()
+    finished = events(proc, "drain.finished")[0]
+    assert finished["reason"] == "no-ports" and finished["count"] == 0
+    assert finished["detail"] == "nothing listens on TCP in this network namespace"
+    assert events(proc, "signal.forwarded")[0]["signal"] == "SIGTERM"
+    assert not events(proc, "error") and not events(proc, "warning"), proc.stderr()
+    assert events(proc, "exit")[0]["code"] == 143
+
+
+def test_a_listener_in_the_pod_that_is_not_the_apps_still_gets_the_lookup(
+    procs: Processes,
+) -> None:
+    # A sidecar (another PID namespace, the pod's network namespace) listens: the inline query
+    # sees a listener, so the lookup looks at whose it is, and the app's is none.
+    sidecar_port = 15002
+    proc = run_pod(procs, QUIET_APP, sidecar=slowpod("--hold-port", str(sidecar_port)))
+    assert stamp(proc, "signal SIGTERM") is not None, proc.stdout()
+    finished = events(proc, "drain.finished")[0]
+    assert finished["reason"] == "no-ports"
+    assert finished["detail"] == ("the processes of this PID namespace (1 process(es)) listen on "
+                                  f"no TCP port; other processes listen on {sidecar_port}")
+    assert not events(proc, "error") and not events(proc, "warning"), proc.stderr()
+
+
 # ---- in-flight truth ----------------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ import pytest
 from drainctl.drain.budget import Budget
 from drainctl.drain.connections import Counts, PortCounts
 from drainctl.drain.downcall import DownResult, ProbeResult
-from drainctl.drain.machine import Drain, Phase, Seams
+from drainctl.drain.machine import NOTHING_LISTENS, Drain, Phase, Seams
 from drainctl.events import Events
 from drainctl.options import Config
 
@@ -69,6 +69,12 @@ class World:
     app_exited: bool = False
     group_left: bool = False  # something of the app's group outlives it
     group_exits_on_sigterm: bool = True
+    # the inline check at the trigger: a verdict, or an exception to raise; None: no such seam
+    nothing_listens: bool | Exception | None = None
+    quick_looks: int = 0
+    lookups: list[float] = field(default_factory=list)
+    lines_at_stop: list[int] = field(default_factory=list)  # log lines written at each stop
+    log: io.StringIO | None = None
     t0: float = 1000.0
 
     def t(self) -> float:
@@ -98,7 +104,19 @@ class World:
                 self.group_left = False
         else:
             self.stops.append(self.t())
+            if self.log is not None:
+                self.lines_at_stop.append(len(self.log.getvalue().splitlines()))
         return -42 if group else 42
+
+    def lookup(self) -> list[int]:
+        self.lookups.append(self.t())
+        return list(self.ports)
+
+    def quick_look(self) -> bool:
+        self.quick_looks += 1
+        if isinstance(self.nothing_listens, Exception):
+            raise self.nothing_listens
+        return bool(self.nothing_listens)
 
     def group_alive(self) -> bool:
         return not self.app_exited or self.group_left
@@ -106,9 +124,10 @@ class World:
     def seams(self, supervising: bool = True) -> Seams:
         return Seams(
             clock=self.clock, runner=ScriptRunner(), count=self.count,
-            lookup_ports=lambda: list(self.ports), call_down=self.call_down,
+            lookup_ports=self.lookup, call_down=self.call_down,
             probe=lambda: ProbeResult(self.probe_closes, 200, None),
             send=self.send if supervising else None, group_alive=self.group_alive,
+            nothing_listens=None if self.nothing_listens is None else self.quick_look,
         )
 
 
@@ -121,7 +140,7 @@ def simulate(
     until: float = 120.0,
 ) -> tuple[Drain, list[dict[str, Any]]]:
     """Drive the drain the way the supervisor's loop does: sleep to the next wake-up, tick."""
-    stream = io.StringIO()
+    stream = world.log = io.StringIO()
     events = Events("json", stream=stream, clock=world.clock)
     drain = Drain(config, events, world.seams())
 
@@ -488,3 +507,132 @@ def test_without_close_idle_the_count_follows_poll_interval() -> None:
     simulate(cfg(down_url=None), world)
     gaps = [round(b - a, 6) for a, b in itertools.pairwise(sampled)]
     assert gaps and min(gaps) >= 0.1 - 1e-6
+
+
+# ---- nothing listens at all: the inline check at the trigger --------------------------------
+
+
+def fast(**kwargs: Any) -> Config:
+    """A trigger with nothing to do before the port lookup: no delay, no down call, auto ports."""
+    return cfg(**{"delay": 0.0, "down_url": None, **kwargs})
+
+
+def test_nothing_listening_ends_no_ports_at_the_trigger_without_a_lookup() -> None:
+    world = World(clock=FakeClock(), counts=lambda t: 0, ports=[8080], nothing_listens=True)
+    drain, events = simulate(fast(), world)
+    assert world.quick_looks == 1 and world.lookups == []
+    done = finished(events)
+    assert done["reason"] == "no-ports" and done["count"] == 0
+    assert done["detail"] == NOTHING_LISTENS == "nothing listens on TCP in this network namespace"
+    assert world.stops == [0.0]
+    assert names(events) == ["signal.received", "drain.started", "delay.finished",
+                             "drain.finished", "signal.forwarded", "child.exited", "exit"]
+    assert "warning" not in names(events) and drain.phase is Phase.DONE
+
+
+def test_the_stop_signal_goes_out_before_the_lines_that_lead_to_it() -> None:
+    world = World(clock=FakeClock(), counts=lambda t: 0, nothing_listens=True)
+    _, events = simulate(fast(), world)
+    assert world.lines_at_stop == [0], "nothing formatted or written before the stop signal"
+    assert [e["event"] for e in events][:5] == ["signal.received", "drain.started",
+                                                "delay.finished", "drain.finished",
+                                                "signal.forwarded"]
+
+
+def test_the_stop_signal_after_a_drain_also_goes_out_before_its_lines() -> None:
+    world = World(clock=FakeClock(), counts=lambda t: 1 if t < 2 else 0)
+    _, events = simulate(fast(), world)
+    before = [e["event"] for e in events][:world.lines_at_stop[0]]
+    assert "connections" in before and "drain.finished" not in before
+    assert finished(events)["reason"] == "drained"
+
+
+# (id, what the check says, config) -> the drain looks the ports up, as without the check
+LOOKUP_ANYWAY = [
+    ("a-listener-somewhere", False, fast()),
+    ("query-refused", OSError(93, "Protocol not supported"), fast()),
+    ("query-timed-out", TimeoutError("timed out"), fast()),
+    ("a-bug-in-the-check", RuntimeError("boom"), fast()),
+]
+
+
+@pytest.mark.parametrize("verdict, config", [pytest.param(*row[1:], id=row[0])
+                                             for row in LOOKUP_ANYWAY])
+def test_anything_but_nothing_listens_leaves_it_to_the_lookup(
+    verdict: bool | Exception, config: Config,
+) -> None:
+    world = World(clock=FakeClock(), counts=lambda t: 2 if t < 3 else 0, nothing_listens=verdict)
+    _, events = simulate(config, world)
+    assert world.quick_looks == 1 and world.lookups == [0.0]
+    assert finished(events)["reason"] == "drained"
+    assert world.stops == [pytest.approx(4.0, abs=0.11)]  # zero at 3 s + settle 1 s
+    said = [e for e in events if e["event"] in ("warning", "error")]
+    if isinstance(verdict, TimeoutError):
+        assert len(said) == 1 and said[0]["event"] == "warning"
+        assert "50 ms" in said[0]["message"] and "looking up" in said[0]["message"]
+    elif isinstance(verdict, OSError) or verdict is False:
+        assert said == [], "a listener or a refused query is the ordinary case: no line"
+    else:
+        assert [(e["event"], e["where"]) for e in said] == [("error", "job:nothing-listens")]
+
+
+def test_a_listener_that_is_not_the_apps_ends_as_the_lookup_says() -> None:
+    world = World(clock=FakeClock(), counts=lambda t: 0, ports=[], nothing_listens=False)
+    _, events = simulate(fast(), world)
+    assert world.lookups == [0.0]
+    assert finished(events)["reason"] == "no-ports" and "detail" not in finished(events)
+
+
+# (id, config, world kwargs): the drain has something to do first, or was told its ports
+NOT_ASKED = [
+    ("a-delay", fast(delay=2.0), {}),
+    ("a-down-call", fast(down_url="http://127.0.0.1:8080/down"), {}),
+    ("explicit-ports", fast(ports=(8080,)), {}),
+]
+
+
+@pytest.mark.parametrize("config, world_kwargs", [pytest.param(*row[1:], id=row[0])
+                                                  for row in NOT_ASKED])
+def test_the_check_is_made_only_when_the_drain_would_only_wait_for_the_lookup(
+    config: Config, world_kwargs: dict[str, Any],
+) -> None:
+    world = World(clock=FakeClock(), counts=lambda t: 0, ports=[], nothing_listens=True,
+                  **world_kwargs)
+    _, events = simulate(config, world)
+    assert world.quick_looks == 0
+    if config.ports:
+        assert world.lookups == [] and finished(events)["reason"] == "drained"
+    else:
+        assert world.lookups and finished(events)["reason"] == "no-ports"
+
+
+def test_a_prestop_with_nothing_listening_awaits_the_kubelets_sigterm() -> None:
+    world = World(clock=FakeClock(), counts=lambda t: 0, nothing_listens=True)
+    drain, events = simulate(fast(), world, trigger="prestop", actions=[(3.0, "sigterm")])
+    assert world.lookups == []
+    assert finished(events)["reason"] == "no-ports" and finished(events)["elapsed_s"] == 0.0
+    assert world.stops == [3.0] and drain.phase is Phase.DONE
+
+
+def test_held_events_are_written_in_order_at_the_last_release_with_their_own_times() -> None:
+    clock = FakeClock()
+    stream = io.StringIO()
+    events = Events("json", stream=stream, clock=clock)
+    heard: list[str] = []
+    events.subscribe(lambda record: heard.append(record["event"]))
+    events.hold()
+    events.emit("a")
+    events.hold()
+    clock.now += 1.0
+    events.emit("b")
+    events.release()
+    assert stream.getvalue() == "" and heard == []
+    events.release()
+    events.emit("c")
+    written = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(e["event"], e["ts"]) for e in written] == [("a", 1000.0), ("b", 1001.0),
+                                                         ("c", 1001.0)]
+    assert heard == ["a", "b", "c"]
+    events.release()  # one too many is harmless
+    events.emit("d")
+    assert stream.getvalue().splitlines()[-1].startswith('{"ts": 1001.0, "event": "d"')

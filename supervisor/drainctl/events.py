@@ -93,16 +93,39 @@ class Events:
         self._format = format_text if text else format_json
         self._clock = clock
         self._listeners: list[Listener] = []
+        self._holds = 0
+        self._held: list[dict[str, Any]] = []
         if self._out is not None:
             self._out.report = self._dropped_line
 
     def emit(self, event: str, **fields: Any) -> dict[str, Any]:
         record: dict[str, Any] = _redacted({"ts": round(self._clock(), 6), "event": event,
                                             **fields})
+        if self._holds:
+            self._held.append(record)  # stamped now, formatted and written at release()
+            return record
+        if self._held:
+            self.release()  # a listener raised during the last release: the rest first
+        self._publish(record)
+        return record
+
+    def hold(self) -> None:
+        """Keep the events emitted from now on until the matching release(): the drain sends
+        its signals first and writes what led to them after (formatting a line and waking the
+        writer thread cost time on the app's path, benchmarks/bench_sigterm.py). Holds nest."""
+        self._holds += 1
+
+    def release(self) -> None:
+        """End a hold(); the last one writes what was held, in order, with its own times."""
+        if self._holds:
+            self._holds -= 1
+        while not self._holds and self._held:
+            self._publish(self._held.pop(0))
+
+    def _publish(self, record: dict[str, Any]) -> None:
         self.write_line(self._format(record))
         for listener in list(self._listeners):
             listener(record)
-        return record
 
     def write_line(self, line: str) -> None:
         if self._out is not None:

@@ -9,7 +9,9 @@ The hosts (`drainctl run` in pid1/supervisor.py, the standalone `prestop` in con
 only feed it facts: a signal received, the app started or exited, a prestop joined, and the
 results of the jobs it asked for (port lookup, down call, probe, counts); and they carry out what
 it asks through the seams: run a job, send a signal, is the group alive. Nothing here blocks:
-jobs run in the host's runner (worker threads) and come back to `tick()`. Every deadline is on
+jobs run in the host's runner (worker threads) and come back to `tick()`; the one exception is
+`nothing_listens`, a kernel query bounded to QUICK_LOOK, made inline at a trigger with nothing to
+do before the port lookup (`_quiet_namespace`). Every deadline is on
 the injected monotonic clock, measured from the trigger (time zero), and follows the budget
 (budget.py): the stop signal never later than `grace-period - stop-timeout`, SIGKILL never past
 the grace period. Every phase change goes through `_enter`, which checks the source phase and
@@ -84,6 +86,11 @@ AFTER_KILL = 2.0
 
 CLOSE_IDLE_POLL = 0.04  # drain/closer.py: POLL
 
+# The `nothing_listens` seam: the most it may hold the loop (seconds), and what the drain then
+# says (the port lookup's own words for it, drain/discovery.py).
+QUICK_LOOK = 0.05
+NOTHING_LISTENS = "nothing listens on TCP in this network namespace"
+
 
 def exit_fields(pid: int, status: int) -> dict[str, Any]:
     """The `child.exited` event's fields for a wait status: `code`, or the `signal` it died of."""
@@ -119,8 +126,8 @@ class Seams:
     and another OSError when it failed. `send` None: a standalone prestop, which never signals.
     """
 
-    __slots__ = ("call_down", "clock", "count", "group_alive", "lookup_ports", "prepare", "probe",
-                 "runner", "send")
+    __slots__ = ("call_down", "clock", "count", "group_alive", "lookup_ports", "nothing_listens",
+                 "prepare", "probe", "runner", "send")
 
     def __init__(
         self,
@@ -134,6 +141,9 @@ class Seams:
         send: Callable[[int, bool], int] | None = None,
         group_alive: Callable[[], bool] = lambda: False,
         prepare: Callable[[], object] | None = None,  # warm-up at the trigger, off the loop
+        # inline at the trigger (QUICK_LOOK at most): True when no TCP socket listens in the
+        # network namespace at all; False when one does; raises when it cannot tell
+        nothing_listens: Callable[[], bool] | None = None,
     ) -> None:
         self.clock = clock
         self.runner = runner
@@ -144,6 +154,7 @@ class Seams:
         self.send = send
         self.group_alive = group_alive
         self.prepare = prepare
+        self.nothing_listens = nothing_listens
 
 
 class Outcome:
@@ -232,8 +243,16 @@ class Drain:
         SIGTERM starts the drain, or joins a drain `prestop` started (they share one drain); a
         second one during the drain forces it (`forced`); after a prestop drain it is the
         kubelet's, and the stop signal goes out at once. SIGINT forces a running drain and is
-        forwarded otherwise (Ctrl-C). Every other signal is forwarded at once.
+        forwarded otherwise (Ctrl-C). Every other signal is forwarded at once. The events of
+        what it did are written after the signals it sent (Events.hold).
         """
+        self.events.hold()
+        try:
+            self._signal(signo, sender)
+        finally:
+            self.events.release()
+
+    def _signal(self, signo: int, sender: int) -> None:
         self.events.emit("signal.received", signal=signal_name(signo), sender=sender)
         if self.phase is Phase.DONE:
             return
@@ -403,12 +422,40 @@ class Drain:
         self._enter(Phase.DELAY, "drain.started", trigger=trigger,
                     deadline_s=round(self._budget.stop_deadline, 3))
         if self._wait.ports is None:
-            self._lookup_ports()
+            if self._quiet_namespace():
+                wait = self._wait
+                wait.ports, wait.detail = [], NOTHING_LISTENS
+                wait.lookup_started_at = wait.looked_up_at = self.t0
+            else:
+                self._lookup_ports()
         # The warm-up hides imports in the delay; with no delay it would only compete with the
         # lookup on the signal's path (and the first count pays for itself).
         if self.seams.prepare is not None and self._budget.delay_end > 0:
             self.seams.runner.submit(self.seams.prepare, self._prepared)
         self.tick()
+
+    def _quiet_namespace(self) -> bool:
+        """Whether nothing listens on TCP in the network namespace, so that no port can be the
+        app's: asked inline, once, at a trigger after which the drain would only wait for the
+        port lookup (no delay, no down call, no --port). It spares the lookup's two thread
+        hops; any listener (the app's or not), an error or a timeout leaves it to the lookup.
+        """
+        quick = self.seams.nothing_listens
+        if (quick is None or self._budget.delay_end > 0
+                or self._after_delay() is not Phase.WAITING):
+            return False
+        try:
+            return quick()
+        except TimeoutError:
+            # A kernel that does not answer a LISTEN dump in QUICK_LOOK is worth one line; a
+            # refused one (a sandbox without sock_diag) is not: the lookup has its fallbacks.
+            self.events.emit("warning", message=f"no answer to the listening sockets query in "
+                             f"{QUICK_LOOK * 1000:g} ms: looking up the app's ports instead")
+        except OSError:
+            pass
+        except Exception as exc:
+            self._job_failed("nothing-listens", exc)
+        return False
 
     def _prepared(self, result: object) -> None:
         if isinstance(result, Exception):
@@ -636,8 +683,12 @@ class Drain:
         # The app keeps its stop-timeout, but never past the grace period: the kubelet's SIGKILL
         # comes then anyway, and ours lets us report it.
         self._kill_at = min(now + self.config.stop_timeout, self.t0 + self.config.grace_period)
-        self._enter(Phase.STOPPING, event, **(fields or {}))
-        self._forward(self.config.stop_signal)
+        self.events.hold()  # the stop signal first, the lines that say so after
+        try:
+            self._enter(Phase.STOPPING, event, **(fields or {}))
+            self._forward(self.config.stop_signal)
+        finally:
+            self.events.release()
 
     def _kill(self) -> None:
         target = self._send(signal.SIGKILL, group=True, event=None)

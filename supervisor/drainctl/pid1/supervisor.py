@@ -73,7 +73,7 @@ class Supervisor:
         self.closer: Closer | None = None  # --close-idle, made once the app runs
         self.drain = Drain(config, events, real_seams(
             config, clock, self.loop.runner_for("drain"), self._lookup_ports, send=self._send,
-            group_alive=self._group_alive, closer=lambda: self.closer))
+            group_alive=self._group_alive, closer=lambda: self.closer, quick_look=True))
         self.backstop: Backstop | None = None
         self._first_sigterm: float | None = None
         self._open_services = list(services)
