@@ -278,8 +278,9 @@ def test_back_to_back_clients_leave_without_a_failure(procs: Processes) -> None:
 
 
 def info(notsent: int = 0, received: int = 100, rqueue: int = 0, sent_ms: int = 5,
-         recv_ms: int = 10, ack_ms: int = 5) -> SocketInfo:
-    return SocketInfo(80, 1, 0, 7, rqueue, notsent, sent_ms, recv_ms, ack_ms, received, notsent)
+         recv_ms: int = 10, ack_ms: int = 5, flush_in: int | None = 180) -> SocketInfo:
+    return SocketInfo(80, 1, 0, 7, rqueue, notsent, sent_ms, recv_ms, ack_ms, received, notsent,
+                      flush_in if notsent else None)
 
 
 @pytest.mark.parametrize(("steps", "verdicts"), [
@@ -290,8 +291,14 @@ def info(notsent: int = 0, received: int = 100, rqueue: int = 0, sent_ms: int = 
      [None, None, None, HELD]),
     # Too soon after it was first seen (passes HOLD_MIN apart at least).
     ([(0.00, info()), (0.04, info(notsent=9)), (0.05, info(notsent=9))], [None, None, None]),
-    # Held since before HOLD_MAX: the kernel may send it any moment without the FIN: leave it.
-    ([(0.00, info()), (0.10, info(notsent=9)), (0.20, info(notsent=9))], [None, None, None]),
+    # The kernel sends it by itself within FLUSH_MARGIN (its probe timer): leave it to it.
+    ([(0.00, info()), (0.04, info(notsent=9)), (0.08, info(notsent=9, flush_in=9))],
+     [None, None, None]),
+    ([(0.00, info()), (0.04, info(notsent=9)), (0.08, info(notsent=9, flush_in=11))],
+     [None, None, HELD]),
+    # No probe timer pending (e.g. a retransmission first): nothing leaves on its own.
+    ([(0.00, info()), (0.04, info(notsent=9)), (0.08, info(notsent=9, flush_in=None))],
+     [None, None, HELD]),
     # More came from the client (a pipelined request), or is unread: not whole.
     ([(0.00, info()), (0.04, info(notsent=9)), (0.08, info(notsent=9, received=150))],
      [None, None, None]),

@@ -494,6 +494,33 @@ def test_close_idle_reports_what_the_count_job_closed_and_counts_every_40ms() ->
     assert finished(events)["reason"] == "drained"
 
 
+def test_close_idle_looks_again_soon_when_an_answer_waits_and_says_how_it_closed() -> None:
+    """A count job whose closer saw an answer appear asks for another look HOLD_MIN later
+    (`again_in`), sooner than the 40 ms cadence; `connections.closed` says how many of the
+    closed connections went with an answer."""
+    clock = FakeClock()
+    world = World(clock=clock, counts=lambda t: 2 if t < 5.3 else 0)
+    sampled: list[float] = []
+    base = world.count
+
+    def count(ports: Sequence[int], idle_grace: float | None) -> Counts:
+        sampled.append(world.t())
+        counts = base(ports, idle_grace)
+        if len(sampled) == 3:
+            counts.again_in = 0.02
+        if len(sampled) == 4:
+            counts.closed, counts.closed_with_answer = {ports[0]: 2}, 1
+        return counts
+
+    world.count = count  # type: ignore[method-assign]
+    _drain, events = simulate(cfg(close_idle=True, down_url=None, settle=0.5), world)
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(sampled)]
+    assert gaps[2] <= 0.02 + 0.001 < gaps[1], gaps
+    closed = [e for e in events if e["event"] == "connections.closed"]
+    assert [(e["count"], e["with_answer"]) for e in closed] == [(2, 1)]
+    assert finished(events)["reason"] == "drained"
+
+
 def test_without_close_idle_the_count_follows_poll_interval() -> None:
     world = World(clock=FakeClock(), counts=lambda t: 1 if t < 5.5 else 0)
     sampled: list[float] = []

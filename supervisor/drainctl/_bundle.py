@@ -157,13 +157,14 @@ class FallbackPort:
 class FallbackCounts:
     """Duck-typed as connections.Counts (which cannot be imported then)."""
 
-    __slots__ = ("again_in", "closed", "method", "ports", "warning")
+    __slots__ = ("again_in", "closed", "closed_with_answer", "method", "ports", "warning")
 
     def __init__(self, ports: dict[int, FallbackPort]) -> None:
         self.ports = ports
         self.method = "proc"
         self.closed: dict[int, int] = {}  # --close-idle closes nothing from here
         self.again_in: float | None = None
+        self.closed_with_answer = 0
         self.warning: str | None = None
 
     @property

@@ -429,9 +429,9 @@ class Config:
     close_idle: bool = option(
         kind="flag", empty=False,
         help="After the delay (and the down call), close each keep-alive connection of the "
-             "app's ports the moment it is idle between requests, as the server's own "
-             "keep-alive timeout would: for apps that cannot be changed (needs CAP_SYS_PTRACE "
-             "or the app's uid; README, '--close-idle').")
+             "app's ports between requests, with the app's next answer (or after a second "
+             "unused), so that no request meets the close: for apps that cannot be changed "
+             "(needs CAP_SYS_PTRACE or the app's uid; README, '--close-idle').")
     probe_path: str | None = option(
         default="/", parse=_probe_path, off=("no_probe", "Skip that check."),
         help="After a successful down call, one keep-alive request to this path checks that "

@@ -25,10 +25,11 @@ client reads "answer, then end of stream" and never reuses the connection.
    and SIOCINQ), then shutdown(SHUT_WR): the kernel appends the FIN to the held bytes and sends
    both. The app sees the client's close later and frees the connection itself; nothing is
    injected into the app, and the app's own descriptor stays its own.
-5. The kernel sends corked bytes by itself after 200 ms (tcp(7): the ceiling of TCP_CORK): an
-   answer held longer than HOLD_MAX is left alone (it may leave without the FIN any moment now),
-   and the next answer is the next chance. At most one answer per connection waits, for one to
-   three passes (40-120 ms).
+5. The kernel sends corked bytes by itself when its probe timer fires, 200 ms after they were
+   first held (tcp(7): the ceiling of TCP_CORK). The dump says when that timer fires
+   (idiag_timer 4, idiag_expires): an answer is closed only while that moment is more than
+   FLUSH_MARGIN away, and otherwise left to leave without the FIN; the next answer is the next
+   chance. At most one answer per connection waits, 20-60 ms.
 6. A connection that carried nothing for QUIET (no request in flight, nothing held) is one its
    client keeps in reserve; it is closed as it is, by the in-flight rule (connections.judge),
    as a keep-alive timeout would: the one residual risk (README.md, "--close-idle").
@@ -74,8 +75,8 @@ from drainctl.drain.connections import (
 
 __all__ = [
     "FIX",
+    "FLUSH_MARGIN",
     "HELD",
-    "HOLD_MAX",
     "HOLD_MIN",
     "POLL",
     "QUIET",
@@ -89,10 +90,10 @@ __all__ = [
 ]
 
 # The timing of a close (module docstring): an answer that got no more bytes for HOLD_MIN is
-# taken as whole; one held longer than HOLD_MAX is left to the kernel, which sends corked bytes
-# after 200 ms; a connection silent for QUIET is one nobody uses now. The drain counts every POLL.
+# taken as whole; one the kernel sends by itself within FLUSH_MARGIN is left to it; a connection
+# silent for QUIET is one nobody uses now. The drain counts every POLL.
 HOLD_MIN = 0.02  # seconds
-HOLD_MAX = 0.15
+FLUSH_MARGIN = 0.01
 QUIET = 1.0
 POLL = 0.04
 
@@ -112,6 +113,10 @@ _INT = struct.Struct("=i")
 _TCPI_RECEIVED_NOTSENT = struct.Struct("=Q8xI")
 _TCPI_RECEIVED_AT = 128
 _TCPI_NOTSENT_MIN = 148
+# struct inet_diag_msg: idiag_timer (u8) at 2, idiag_expires (u32, ms) at 52; 4: the probe timer
+_TIMER = struct.Struct("=B49xI")
+_TIMER_AT = 16 + 2
+_TIMER_PROBE0 = 4
 
 # What a pass decided for a connection.
 HELD = "held"  # an answer waits, whole: the FIN goes with it
@@ -134,26 +139,32 @@ _BUSY = frozenset({"unread", "unsent", "unanswered"})
 class _Seen:
     """What the passes know of one connection (by socket inode)."""
 
-    __slots__ = ("corked", "held", "held_at", "received", "since")
+    __slots__ = ("corked", "flush_at", "held", "held_at", "received")
 
     def __init__(self, now: float) -> None:
         self.corked: bool | None = None  # None: not tried yet; False: not the app's, or refused
         self.held = 0  # unsent bytes seen by the last pass
         self.held_at = now  # when the last pass saw `held` change
         self.received: int | None = None  # tcpi_bytes_received then
-        self.since = now  # the last pass that saw nothing held: any held answer is younger
+        self.flush_at: float | None = None  # when the kernel sends `held` by itself, if it will
+
+    def in_time(self, now: float) -> bool:
+        """Whether the held answer is still far enough from the kernel's own sending."""
+        return self.flush_at is None or now + FLUSH_MARGIN < self.flush_at
 
     def decide(self, s: SocketInfo, now: float) -> str | None:
         """HELD, SILENT or None (leave it), from this pass's facts about the connection."""
         held = s.notsent or 0
         if held:  # an answer waits (corked), or the client's window is full
+            # `now` was read before the dump, so the timer fires at now + flush_in or later
+            self.flush_at = None if s.flush_in_ms is None else now + s.flush_in_ms / 1000.0
             if held != self.held or s.received != self.received:
                 self.held, self.received, self.held_at = held, s.received, now
             elif (self.corked and not s.rqueue and s.received is not None
-                  and now - self.held_at >= HOLD_MIN and now - self.since <= HOLD_MAX):
+                  and now - self.held_at >= HOLD_MIN and self.in_time(now)):
                 return HELD
             return None
-        self.held, self.received, self.since = 0, s.received, now
+        self.held, self.received = 0, s.received
         return SILENT if self.corked is not None and _silent(s) else None
 
 
@@ -247,8 +258,8 @@ class Closer:
         done = Pass()
         if self.refused is not None or not ports:
             return done
+        now = self._clock()  # before the dump: an answer it does not see is younger than this
         found = sockets(ports)
-        now = self._clock()
         done.seen = len(found)
         seen: dict[int, _Seen] = {}
         new: list[SocketInfo] = []
@@ -355,7 +366,7 @@ class Closer:
 
     def _close_one(self, s: SocketInfo, known: _Seen, verdict: str,
                    pidfds: dict[int, int]) -> bool:
-        if verdict == HELD and self._clock() - known.since > HOLD_MAX:
+        if verdict == HELD and not known.in_time(self._clock()):
             return False  # this pass took long: the kernel may send the answer any moment now
         sock = self._duplicate(s, pidfds)
         if sock is None:
@@ -475,6 +486,7 @@ class SocketInfo:
     """One TCP socket from a sock_diag dump, with what --close-idle needs (drain/closer.py)."""
 
     __slots__ = (
+        "flush_in_ms",
         "inode",
         "last_ack_recv_ms",
         "last_data_recv_ms",
@@ -501,6 +513,7 @@ class SocketInfo:
         last_ack_recv_ms: int | None = None,
         received: int | None = None,
         notsent: int | None = None,
+        flush_in_ms: int | None = None,
     ) -> None:
         self.port = port
         self.state = state
@@ -513,6 +526,8 @@ class SocketInfo:
         self.last_ack_recv_ms = last_ack_recv_ms
         self.received = received  # tcpi_bytes_received: bytes from the client so far
         self.notsent = notsent  # tcpi_notsent_bytes: bytes the app wrote, not sent yet
+        # the probe timer (idiag_timer 4) fires in this many ms: the kernel sends held bytes
+        self.flush_in_ms = flush_in_ms
 
 
 def sockets(ports: Sequence[int], states: int = 1 << TCP_ESTABLISHED) -> list[SocketInfo]:
@@ -548,6 +563,8 @@ def _sockets(ports: list[int], states: int, *, eq_ops: bool) -> list[SocketInfo]
                         if _U16.unpack_from(buf, info)[0] - 4 >= _TCPI_NOTSENT_MIN:
                             total, notsent = _TCPI_RECEIVED_NOTSENT.unpack_from(
                                 buf, info + 4 + _TCPI_RECEIVED_AT)
+                    timer, expires = _TIMER.unpack_from(buf, off + _TIMER_AT)
                     found.append(SocketInfo(port_hi << 8 | port_lo, state, uid, inode, rqueue,
-                                            wqueue, sent, received, acked, total, notsent))
+                                            wqueue, sent, received, acked, total, notsent,
+                                            expires if timer == _TIMER_PROBE0 else None))
     return found

@@ -163,7 +163,7 @@ class PortCounts:
 class Counts:
     """One count: an entry per requested port (zeros included), and the method that made it."""
 
-    __slots__ = ("again_in", "closed", "method", "ports", "warning")
+    __slots__ = ("again_in", "closed", "closed_with_answer", "method", "ports", "warning")
 
     def __init__(self, ports: dict[int, PortCounts], method: str,
                  closed: dict[int, int] | None = None, warning: str | None = None) -> None:
@@ -175,6 +175,7 @@ class Counts:
         self.closed = closed if closed is not None else {}
         self.warning = warning
         self.again_in: float | None = None
+        self.closed_with_answer = 0  # of `closed`, those closed with an answer (not unused)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Counts):

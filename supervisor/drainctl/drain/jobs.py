@@ -91,6 +91,7 @@ def real_seams(
         done = closing.close_idle(ports)
         counts = counter[0].count(ports, idle_grace)
         counts.closed, counts.warning = done.closed, done.warning
+        counts.closed_with_answer = done.held
         if done.again:
             from drainctl.drain.closer import HOLD_MIN
 

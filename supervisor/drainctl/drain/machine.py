@@ -593,7 +593,8 @@ class Drain:
             closed = sum(result.closed.values())
             wait.closed += closed
             self.events.emit("connections.closed", count=closed, total=wait.closed,
-                             ports=sorted(result.closed))
+                             ports=sorted(result.closed),
+                             with_answer=result.closed_with_answer)
         key = tuple(result.ports[p].established for p in sorted(result.ports))
         if key != wait.last_event_key or (
             wait.last_event_at is not None and sampled - wait.last_event_at >= 1.0
