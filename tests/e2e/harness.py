@@ -678,6 +678,7 @@ def figures(name: str, samples: Sequence[Sample], deletion: Deletion, pod: Pod,
         **gateway.details(),
         # --close-idle: how many connections drainctl closed, and when (first, last)
         "connections_closed": sum(e.get("count", 0) for e in closed),
+        "closed_with_answer": sum(e.get("with_answer", 0) for e in closed),
         "closed_window_s": (
             [round(closed[0]["ts"] - deletion.t0_wall, 2),
              round(closed[-1]["ts"] - deletion.t0_wall, 2)] if closed else None
