@@ -248,6 +248,17 @@ def test_a_daemonized_server_is_drained(procs: Processes, pid1: bool) -> None:
         "CAP_SYS_PTRACE" not in e["message"] for e in events(proc, "warning"))
 
 
+@pytest.mark.parametrize("pid1", [True, False], ids=["pid1", "subreaper"])
+def test_close_idle_reaches_a_daemonized_servers_connections(procs: Processes, pid1: bool) -> None:
+    # --close-idle takes its sockets from the same processes as the auto ports: the daemon's
+    # connection is closed with its answer, not left to its client.
+    proc = run_pod(procs, slowpod("--work", "2", "--daemonize"), "--close-idle", pid1=pid1)
+    assert_answered_before_the_stop(proc)
+    closed = events(proc, "connections.closed")
+    assert [(e["count"], e["with_answer"]) for e in closed] == [(1, 1)], proc.stderr()
+    assert events(proc, "drain.finished")[0]["reason"] == "drained"
+
+
 def test_without_proc_every_listener_of_the_pod_is_taken_and_said(procs: Processes) -> None:
     proc = run_pod(procs, slowpod("--work", "2"), no_proc=True)
     assert_answered_before_the_stop(proc)

@@ -165,7 +165,7 @@ class _Seen:
                 return HELD
             return None
         self.held, self.received = 0, s.received
-        return SILENT if self.corked is not None and _silent(s) else None
+        return SILENT if self.corked and _silent(s) else None  # only the app's own sockets
 
 
 def _silent(s: SocketInfo) -> bool:
@@ -299,14 +299,18 @@ class Closer:
         return done
 
     def _find(self, inodes: set[int]) -> None:
-        """Where the sockets `inodes` are open: (pid, fd), from the app's /proc/PID/fd links."""
+        """Where the sockets `inodes` are open: (pid, fd), from the app's /proc/PID/fd links.
+        Only the first process (the app itself) not letting us read them refuses us: another
+        one (of another uid) is skipped."""
         left = set(inodes)
-        for pid in self._app_pids():
+        for i, pid in enumerate(self._app_pids()):
             try:
                 names = os.listdir(f"/proc/{pid}/fd")
             except FileNotFoundError:
                 continue  # gone
             except PermissionError as exc:
+                if i:
+                    continue
                 raise _Refused(f"cannot read /proc/{pid}/fd: {exc.strerror}") from None
             except OSError:
                 continue

@@ -45,6 +45,7 @@ __all__ = [
     "listeners",
     "listening_ports",
     "ports_of",
+    "responsible_pids",
     "tree_ports",
 ]
 
@@ -108,21 +109,29 @@ class Listener:
 # ---- the lookups ------------------------------------------------------------------------------
 
 
+def responsible_pids() -> list[int]:
+    """Every process drainctl is responsible for: as PID 1 every other process of its PID
+    namespace, daemonized servers included; otherwise its descendants. [] when /proc shows none
+    (no /proc of this namespace, or hidepid=)."""
+    me = os.getpid()
+    if not _own_proc():
+        return []
+    if me == 1:
+        return [pid for pid in _pids() if pid != me]
+    return _descendants(me, _parents())
+
+
 def app_ports() -> Discovery:
     """The supervisor's auto ports: those of every process drainctl is responsible for.
 
     Raises OSError only when no listener can be read at all (neither sock_diag nor /proc/net).
     """
-    me = os.getpid()
     if not _own_proc():
         return _guess_namespace(_listeners_but_ours(), "there is no /proc of this PID namespace "
                                 "(its processes' open files cannot be read)")
-    if me == 1:
-        pids = [pid for pid in _pids() if pid != me]
-        what = "the processes of this PID namespace"
-    else:
-        pids = _descendants(me, _parents())
-        what = "drainctl's descendants"
+    pids = responsible_pids()
+    what = ("the processes of this PID namespace" if os.getpid() == 1
+            else "drainctl's descendants")
     if not pids:
         # drainctl always has its app while it drains: none visible means /proc hides them
         # (mounted with hidepid=) rather than that there is nothing.

@@ -182,9 +182,13 @@ class Supervisor:
     def _open_closer(self, app_pid: int) -> None:
         """--close-idle: the closer, and a first look (off the loop) whether it can work here."""
         try:
-            from drainctl.drain.closer import Closer, process_tree
+            from drainctl.drain.closer import Closer
+            from drainctl.drain.discovery import responsible_pids
 
-            self.closer = closer = Closer(lambda: process_tree(app_pid))
+            # The sockets of every process drainctl is responsible for, as the auto ports are
+            # found (a daemonized server's too): the app first, where they usually are.
+            self.closer = closer = Closer(
+                lambda: [app_pid, *(p for p in responsible_pids() if p != app_pid)])
         except Exception as exc:  # e.g. no ctypes in a stripped build: the drain waits instead
             self.events.emit("warning", message=f"--close-idle is off: {exc}")
             return
