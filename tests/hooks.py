@@ -9,6 +9,8 @@ does the same, so the hook finds the container's default control socket by itsel
 from __future__ import annotations
 
 import shutil
+import socket
+from collections.abc import Iterator
 
 import pytest
 
@@ -58,3 +60,28 @@ def mnt_ns_address(pid: int) -> str:
 
     return default_address(f"/proc/{pid}/ns/mnt")
 
+
+# ---- raw clients of the control socket -----------------------------------------------------------
+
+OPENED: list[socket.socket] = []
+
+
+@pytest.fixture
+def close_control_clients() -> Iterator[None]:
+    """Closes every client `control_client` opened during the test."""
+    yield
+    while OPENED:
+        OPENED.pop().close()
+
+
+def control_client(address: str, timeout: float = 10, *, wait: bool = True) -> socket.socket:
+    """A raw client of the abstract control socket `address`, closed at the end of the test (the
+    test module makes `close_control_clients` autouse). `wait`: the connect blocks while the
+    server's queue is full; else it gives up after `timeout` too."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    OPENED.append(sock)
+    if not wait:
+        sock.settimeout(timeout)
+    sock.connect(b"\0" + address[1:].encode())
+    sock.settimeout(timeout)
+    return sock

@@ -15,34 +15,26 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT, Processes, app, drainctl_argv, inner_pid, wait_for
-from tests.hooks import container, exec_in, free_port, mnt_ns_address, needs_namespaces
+from tests.hooks import (
+    close_control_clients,  # noqa: F401  (a fixture, used by pytestmark)
+    container,
+    control_client,
+    exec_in,
+    free_port,
+    mnt_ns_address,
+    needs_namespaces,
+)
 
 NOBODY = 65534
 
 
-OPENED: list[socket.socket] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_sockets() -> Iterator[None]:
-    yield
-    while OPENED:
-        OPENED.pop().close()
-
-
-def connect(address: str) -> socket.socket:
-    """A raw client of the abstract `address`; closed at the end of the test."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    OPENED.append(sock)
-    sock.connect(b"\0" + address[1:].encode())  # blocking: waits while the queue is full
-    sock.settimeout(10)
-    return sock
+pytestmark = pytest.mark.usefixtures("close_control_clients")
+connect = control_client  # blocking: waits while the server's queue is full
 
 
 def read_all(sock: socket.socket) -> list[dict[str, object]]:

@@ -29,29 +29,26 @@ from hypothesis import strategies as st
 
 from drainctl.control.server import parse_request
 from tests.conftest import Proc, Processes, app, inner_pid
-from tests.hooks import container, exec_in, free_port, mnt_ns_address, needs_namespaces
+from tests.hooks import (
+    close_control_clients,  # noqa: F401  (a fixture, used by pytestmark)
+    container,
+    control_client,
+    exec_in,
+    free_port,
+    mnt_ns_address,
+    needs_namespaces,
+)
 
 NOBODY = 65534
 # CPU seconds PID 1 may use in one second of an attack. Idle it uses ~0; a loop woken over and
 # over by a readable socket uses a whole core (~1.0).
 SPIN_LIMIT = 0.2
 
-OPENED: list[socket.socket] = []
-
-
-@pytest.fixture(autouse=True)
-def _close_sockets() -> Iterator[None]:
-    yield
-    while OPENED:
-        OPENED.pop().close()
+pytestmark = pytest.mark.usefixtures("close_control_clients")
 
 
 def connect(address: str, timeout: float = 10) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    OPENED.append(sock)
-    sock.settimeout(timeout)
-    sock.connect(b"\0" + address[1:].encode())
-    return sock
+    return control_client(address, timeout, wait=False)
 
 
 def read_lines(sock: socket.socket) -> list[bytes]:
