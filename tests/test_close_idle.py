@@ -196,6 +196,31 @@ def test_the_fin_leaves_with_the_answer_never_after_it() -> None:
             server.close()
 
 
+def test_an_answer_the_kernel_may_send_any_moment_is_left_to_it() -> None:
+    """The pass decided to close with the answer, but by the time it gets to it (its clock says
+    a second later here: a long pass) the kernel's own sending (200 ms after the answer) may come
+    first: it does not close, and the answer leaves on its own, without the FIN."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        [(client, server)] = connected(listener, 1)
+        times = iter([0.0, 0.05, 0.10, 1.10])  # three passes; the close comes "a second later"
+        try:
+            closer = Closer(lambda: [os.getpid()], clock=lambda: next(times))
+            assert closer.close_idle([port]).closed == {}  # corked
+            client.sendall(b"req")
+            assert server.recv(3) == b"req"
+            server.sendall(b"answer")
+            assert closer.close_idle([port]).again  # the answer appeared
+            done = closer.close_idle([port])
+            assert (done.closed, done.skipped) == ({}, 1)
+            assert readable(client, 2), "the kernel sends it by itself"
+            assert client.recv(100) == b"answer"
+            assert not readable(client, 0.05), "and no FIN with it"
+        finally:
+            client.close()
+            server.close()
+
+
 def test_a_request_being_worked_on_or_unread_is_never_closed() -> None:
     """One connection whose request the app is working on, one whose request it has not read:
     passes for longer than QUIET close neither; the answer, once written, leaves with the FIN."""

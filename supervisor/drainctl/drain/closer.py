@@ -14,10 +14,11 @@ client reads "answer, then end of stream" and never reuses the connection.
 
 1. One sock_diag dump (sockets() below) gives every ESTABLISHED socket on the ports with its
    queues, inode and tcp_info (timers, bytes received, bytes not yet sent).
-2. A connection seen for the first time is found by inode among the app's processes'
-   /proc/PID/fd links, drainctl takes a duplicate of that very socket with pidfd_open(2) +
-   pidfd_getfd(2) (Linux 5.6) and sets TCP_CORK on it (tcp(7)): from then on the kernel keeps
-   the last partial segment of whatever the app writes instead of sending it at once.
+2. A connection seen for the first time is found by inode among the /proc/PID/fd links of the
+   processes the closer was given (Closer below), drainctl takes a duplicate of that very
+   socket with pidfd_open(2) + pidfd_getfd(2) (Linux 5.6) and sets TCP_CORK on it (tcp(7)):
+   from then on the kernel keeps the last partial segment of whatever the app writes instead
+   of sending it at once.
 3. The app answers its next request: the answer waits in the socket (tcpi_notsent_bytes). A
    pass that sees the same unsent bytes as the pass before, at least HOLD_MIN later, with
    nothing more from the client and nothing unread, takes the answer as whole.
@@ -203,7 +204,10 @@ class Closer:
     """Closes the app's connections between requests; one per drain (it remembers sockets,
     what it saw of them, and refusals).
 
-    `app_pids()` lists the processes whose sockets may be closed (the app and its descendants).
+    `app_pids()` lists the processes whose sockets may be closed, the app first: `drainctl run`
+    gives every process it is responsible for (discovery.responsible_pids), the standalone
+    prestop PID 1's tree. Only the first one's /proc/PID/fd being unreadable refuses the closer.
+    `clock`: monotonic seconds, read at each pass and right before each close with an answer.
     """
 
     def __init__(self, app_pids: Callable[[], Iterable[int]],
